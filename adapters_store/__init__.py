@@ -1,0 +1,1 @@
+"""Adapter storage: where tasks' adapter bytes live. Runs no models."""

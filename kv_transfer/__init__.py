@@ -1,0 +1,1 @@
+"""KV handoff from prefill to decode: the message, its checks, and the transports."""

@@ -1,0 +1,62 @@
+"""The transport boundary: prefill hands a KVHandoff to a decode service and gets events back."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kv_transfer.handoff import KVHandoff
+
+
+@dataclass
+class TokenEvent:
+    """Output of one request, streamed from decode back to the front door."""
+
+    request_id: str  # the request this belongs to
+    token_ids: list[int]  # newly generated token ids since the previous event
+    text: str  # newly stable text since the previous event
+    finish_reason: str | None = None  # set on the last event: stop | length | abort | error
+    error: str | None = None  # why the request failed, when finish_reason == "error"
+    error_status: int = 503  # HTTP status the front door should answer an error with
+    num_prompt_tokens: int = 0  # usage, on the last event
+    num_output_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # e.g. queue_s, decode_s, on the last event
+
+    @property
+    def is_final(self) -> bool:
+        return self.finish_reason is not None
+
+
+EventSink = Callable[[TokenEvent], None]
+
+
+class KVSender(abc.ABC):
+    """Prefill side of a transport."""
+
+    @abc.abstractmethod
+    def send(self, handoff: KVHandoff, sink: EventSink) -> None:
+        """Hand the KV over; events for the request arrive on `sink` (from any thread)."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """The client went away: decode frees the request's slot at its next step."""
+
+    def is_ready(self) -> tuple[bool, str]:
+        """Whether the decode side is reachable, with a reason when not."""
+        return True, "ok"
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+class DecodeBackend(abc.ABC):
+    """Decode side: what a receiver delivers handoffs to."""
+
+    @abc.abstractmethod
+    def submit(self, handoff: KVHandoff, sink: EventSink) -> None:
+        """Admit (or queue) the handoff; raise HandoffError / QueueFullError to refuse it."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Abort the request if it is queued or running."""

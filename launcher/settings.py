@@ -1,0 +1,33 @@
+"""Server settings: flags override environment variables (PRAD_*), which override defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PRAD_", extra="forbid")
+
+    model: str | None = Field(default=None, description="local HF model dir; default: SmolLM2-135M-Instruct")
+    adapters: Path | None = Field(default=None, description="folder of task adapters (one sub-folder per task)")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    max_batch_size: int = Field(default=32, ge=1, le=1024, description="decode rows per step")
+    max_seq_len: int = Field(default=2048, ge=16, description="prompt + output tokens per request")
+    max_kv_tokens: int | None = Field(default=None, ge=16, description="decode KV budget (default: batch x seq)")
+    max_prefill_tokens: int = Field(default=2048, ge=16, description="prompt tokens per prefill pass")
+    max_waiting: int = Field(default=256, ge=1, description="queued requests per service before 429")
+    max_loaded_adapters: int = Field(default=64, ge=1)
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    threads: int | None = Field(default=None, ge=1, description="torch threads (default: free cores)")
+    log_level: str = "info"
+
+    @property
+    def kv_budget(self) -> int:
+        return self.max_kv_tokens or self.max_batch_size * self.max_seq_len

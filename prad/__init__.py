@@ -1,0 +1,1 @@
+"""PrAd core: model loading, our forward pass, adapter variants, sampling, reference generation."""

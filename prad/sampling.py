@@ -1,0 +1,66 @@
+"""Token sampling, shared by prefill (the first token) and decode (the rest).
+
+Randomness is a pure function of (request seed, output index): token k of a request is drawn with a
+generator seeded from both, so a seeded request gives the same tokens whatever batch it runs in,
+whichever process samples it, and wherever the prefill/decode boundary falls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_STOP_STRINGS = 8
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64  # budget of generated tokens, the first (prefill) one included
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept, (0, 1]
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int = 0  # per-request seed; the server draws one when the client gives none
+    stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings (excluded from the text)
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def _generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    # Mix seed and index (splitmix-style odd constant) into one 63-bit seed.
+    mixed = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) & MAX_SEED
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [V] -> logits with everything outside top-k / top-p set to -inf."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample_one(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
+    """Sample output token number `index` (0 = first) from logits [V] (fp32)."""
+    if params.is_greedy:
+        return int(torch.argmax(logits))
+    filtered = _filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(filtered, dim=-1)
+    gen = _generator(params.seed, index, logits.device)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
+    """Sample one token per row of logits [B, V]; greedy rows share one argmax."""
+    greedy = torch.argmax(logits, dim=-1).tolist()
+    return [greedy[i] if p.is_greedy else sample_one(logits[i], p, indices[i]) for i, p in enumerate(params)]

@@ -1,0 +1,125 @@
+"""HTTP routes of the front door (FastAPI). Handlers translate and delegate to PrefillService."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from kv_transfer.base import TokenEvent
+from prefill_service.api_models import GenerateRequest, GenerateResponse, Usage
+from prefill_service.service import PrefillService, PreparedRequest, ServiceError
+
+MAX_REQUEST_BYTES = 1 << 20
+
+
+def get_service(request: Request) -> PrefillService:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[PrefillService, Depends(get_service)]
+
+
+def create_app(service: PrefillService, on_start: Callable[[], None] | None = None,
+               on_stop: Callable[[], None] | None = None,
+               readiness: Callable[[], dict[str, str]] | None = None) -> FastAPI:
+    """readiness() returns {component: problem} for what is not ready (empty = ready)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if on_start is not None:
+            on_start()
+        yield
+        if on_stop is not None:
+            on_stop()
+
+    app = FastAPI(title="PrAd Serve", lifespan=lifespan)
+    app.state.service = service
+    app.state.readiness = readiness or (lambda: {})
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_REQUEST_BYTES):
+            return JSONResponse({"detail": f"request body over {MAX_REQUEST_BYTES} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        problems = request.app.state.readiness()
+        status = 200 if not problems else 503
+        return JSONResponse({"ready": not problems, "not_ready": problems}, status_code=status)
+
+    @app.get("/tasks")
+    async def tasks(service: ServiceDep) -> dict[str, Any]:
+        return {"tasks": [{"task": "base", "adapter_version": "base", "variant": None}, *_task_rows(service)]}
+
+    @app.post("/generate", response_model=None)
+    async def generate(body: GenerateRequest, service: ServiceDep) -> GenerateResponse | StreamingResponse:
+        prepared = await run_in_threadpool(service.prepare, body)  # may load an adapter from the store
+        events = service.submit(prepared)  # 429 here, before any response starts
+        if body.stream:
+            return StreamingResponse(_sse(prepared, events), media_type="text/event-stream")
+        return await _collect(prepared, events)
+
+    return app
+
+
+def _task_rows(service: PrefillService) -> list[dict[str, Any]]:
+    rows = []
+    for task in service.adapters.tasks():
+        try:
+            adapter = service.adapters.get(task)
+            rows.append({"task": task, "adapter_version": adapter.version, "variant": adapter.config.variant,
+                         "rank": adapter.config.rank})
+        except Exception as e:  # listed, with why it cannot be served
+            rows.append({"task": task, "adapter_version": None, "variant": None, "error": str(e)})
+    return rows
+
+
+async def _collect(req: PreparedRequest, events: AsyncIterator[TokenEvent]) -> GenerateResponse:
+    token_ids: list[int] = []
+    text: list[str] = []
+    final: TokenEvent | None = None
+    async for event in events:
+        token_ids += event.token_ids
+        text.append(event.text)
+        final = event
+    assert final is not None
+    if final.finish_reason == "error":
+        raise ServiceError(final.error_status, final.error or "request failed")
+    return GenerateResponse(request_id=req.request_id, task=req.task, adapter_version=req.adapter_version,
+                            text="".join(text), token_ids=token_ids, finish_reason=final.finish_reason or "abort",
+                            usage=Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=len(token_ids)))
+
+
+async def _sse(req: PreparedRequest, events: AsyncIterator[TokenEvent]) -> AsyncIterator[str]:
+    """One `data:` event per token chunk; the last carries finish_reason, usage and adapter_version."""
+    num_tokens = 0
+    try:
+        async for event in events:
+            num_tokens += len(event.token_ids)
+            payload: dict[str, Any] = {"request_id": req.request_id, "text": event.text,
+                                       "token_ids": event.token_ids}
+            if event.is_final:
+                payload.update(finish_reason=event.finish_reason, task=req.task,
+                               adapter_version=req.adapter_version,
+                               usage={"prompt_tokens": len(req.prompt_token_ids), "completion_tokens": num_tokens})
+                if event.error:
+                    payload["error"] = {"message": event.error, "status": event.error_status}
+            yield f"data: {json.dumps(payload)}\n\n"
+    except ServiceError as e:
+        yield f"data: {json.dumps({'request_id': req.request_id, 'error': {'message': e.message, 'status': e.status}, 'finish_reason': 'error'})}\n\n"  # noqa: E501

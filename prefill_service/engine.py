@@ -1,0 +1,171 @@
+"""The prefill engine: a thread running schedule -> execute -> update, handing KV to decode."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+from kv_transfer.base import EventSink, KVSender, TokenEvent
+from kv_transfer.handoff import HandoffError, KVHandoff, KVLayout
+from prad.adapters import Adapter
+from prad.errors import QueueFullError
+from prad.loading import LoadedModel
+from prad.sampling import SamplingParams, sample_one
+from prefill_service.runner import ChunkInput, PrefillRunner
+from prefill_service.scheduler import PrefillBatch, PrefillRequest, PrefillScheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillConfig:
+    max_prefill_tokens: int = 2048  # prompt tokens per forward pass (longer prompts are chunked)
+    max_batch_size: int = 64  # prompts per forward pass
+    max_waiting: int = 256  # queued requests; beyond that, 429
+
+
+@dataclass
+class _Job:
+    """Engine-side state of one request."""
+
+    adapter: Adapter | None  # pinned at admission: hot swaps never change a running request
+    adapter_version: str
+    sampling: SamplingParams
+    sink: EventSink
+    deadline_s: float | None
+    arrived_s: float
+    past_kv: object = None  # torch.Tensor of earlier chunks, when chunked
+
+
+class PrefillEngine:
+    def __init__(self, loaded: LoadedModel, sender: KVSender, config: PrefillConfig,
+                 compute_lock: AbstractContextManager[object] | None = None) -> None:
+        self.loaded = loaded
+        self.sender = sender
+        self.config = config
+        self.runner = PrefillRunner(loaded.model)
+        self.scheduler = PrefillScheduler(config.max_prefill_tokens, config.max_batch_size, config.max_waiting)
+        self.compute_lock = compute_lock or nullcontext()
+        self._lock = threading.Condition()
+        self._by_id: dict[str, PrefillRequest] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.num_steps = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, request_id: str, task: str, prompt_token_ids: list[int], adapter: Adapter | None,
+               adapter_version: str, sampling: SamplingParams, sink: EventSink,
+               deadline_s: float | None = None) -> None:
+        """Queue a request; raises QueueFullError when the queue is at its bound."""
+        job = _Job(adapter, adapter_version, sampling, sink, deadline_s, time.monotonic())
+        request = PrefillRequest(request_id, task, list(prompt_token_ids), payload=job)
+        with self._lock:
+            self.scheduler.add(request)
+            self._by_id[request_id] = request
+            self._lock.notify_all()
+
+    def abort(self, request_id: str) -> None:
+        """Abort wherever the request is: still queued here, or already with decode."""
+        with self._lock:
+            request = self._by_id.get(request_id)
+            if request is not None:
+                request.is_abort_requested = True
+                self._lock.notify_all()
+                return
+        self.sender.abort(request_id)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"num_waiting": self.scheduler.num_waiting, "num_steps": self.num_steps}
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self.scheduler.waiting and not self._stopping:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                batch = self.scheduler.schedule()
+                for request in batch.aborted:
+                    self._by_id.pop(request.request_id, None)
+                    request.payload.sink(TokenEvent(request.request_id, [], "", finish_reason="abort",
+                                                    num_prompt_tokens=len(request.prompt_token_ids)))
+            if not batch.chunks:
+                continue
+            try:
+                outputs = self._execute(batch)
+            except Exception as e:  # a failed step fails its requests, never the engine
+                log.exception("prefill step failed")
+                self._fail(batch, f"prefill failed: {e}")
+                continue
+            self._update(batch, outputs)
+
+    def _execute(self, batch: PrefillBatch):
+        inputs = [ChunkInput(c.request.prompt_token_ids[c.start:c.end], c.start, c.request.payload.adapter,
+                             c.request.payload.past_kv) for c in batch.chunks]
+        with self.compute_lock:
+            outputs = self.runner.run(inputs)
+        self.num_steps += 1
+        return outputs
+
+    def _update(self, batch: PrefillBatch, outputs) -> None:
+        with self._lock:
+            done = self.scheduler.update(batch)
+            for chunk, out in zip(batch.chunks, outputs, strict=True):
+                chunk.request.payload.past_kv = None if chunk.is_last else out.kv
+            for request in done:
+                self._by_id.pop(request.request_id, None)
+        for chunk, out in zip(batch.chunks, outputs, strict=True):
+            if chunk.is_last:
+                self._hand_off(chunk.request, out)
+
+    def _hand_off(self, request: PrefillRequest, out) -> None:
+        job: _Job = request.payload
+        first = sample_one(out.logits, job.sampling, 0)
+        c = self.loaded.config
+        layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, str(out.kv.dtype).removeprefix("torch."),
+                          len(request.prompt_token_ids))
+        handoff = KVHandoff(request.request_id, request.task, job.adapter_version, self.loaded.fingerprint,
+                            request.prompt_token_ids, first, job.sampling, job.deadline_s, layout, out.kv)
+        try:
+            self.sender.send(handoff, job.sink)
+        except QueueFullError as e:
+            job.sink(_error(request, str(e), 429))
+        except HandoffError as e:
+            job.sink(_error(request, f"decode refused the KV handoff: {e}", 502))
+        except ValueError as e:
+            job.sink(_error(request, str(e), 400))
+        except Exception as e:  # transport down: the client gets a 503 with the reason
+            log.warning("handoff of %s failed: %s", request.request_id, e)
+            job.sink(_error(request, f"decode service unavailable: {e}", 503))
+
+    def _fail(self, batch: PrefillBatch, message: str) -> None:
+        with self._lock:
+            for chunk in batch.chunks:
+                if chunk.request in self.scheduler.waiting:
+                    self.scheduler.waiting.remove(chunk.request)
+                self._by_id.pop(chunk.request.request_id, None)
+        for chunk in batch.chunks:
+            chunk.request.payload.sink(_error(chunk.request, message, 500))
+
+
+def _error(request: PrefillRequest, message: str, status: int) -> TokenEvent:
+    return TokenEvent(request.request_id, [], "", finish_reason="error", error=message, error_status=status,
+                      num_prompt_tokens=len(request.prompt_token_ids))

@@ -1,0 +1,55 @@
+"""The prefill runner: one forward pass over a batch of prompt chunks of many tasks, per-row adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prad.adapters import Adapter, RowAdapters
+from prad.model import Model
+
+
+@dataclass
+class ChunkInput:
+    token_ids: list[int]  # this chunk's prompt tokens
+    start: int  # position of token_ids[0]
+    adapter: Adapter | None  # None = base model
+    past_kv: torch.Tensor | None  # [L, 2, Hkv, start, D]: KV of earlier chunks (None when start == 0)
+
+
+@dataclass
+class ChunkOutput:
+    kv: torch.Tensor  # [L, 2, Hkv, start + len, D]: KV of the prompt so far
+    logits: torch.Tensor  # [V] at the chunk's last token (fp32)
+
+
+class PrefillRunner:
+    def __init__(self, model: Model) -> None:
+        self.model = model
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ChunkInput]) -> list[ChunkOutput]:
+        device = self.model.device
+        lengths = [len(c.token_ids) for c in chunks]
+        width = max(lengths)
+        # Right-padded batch; padded cells get positions past their row's end, whose keys no real
+        # query can see (keys are visible only at positions <= the query's) and whose KV is discarded.
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        prompt_mask = torch.zeros(len(chunks), width)
+        for i, c in enumerate(chunks):
+            ids[i, : lengths[i]] = torch.tensor(c.token_ids)
+            prompt_mask[i, : lengths[i]] = 1.0
+        starts = torch.tensor([c.start for c in chunks])
+        positions = starts[:, None] + torch.arange(width)[None, :]  # [B, T]
+        kv = self.model.new_kv_cache(len(chunks), int(positions.max()) + 1)
+        for i, c in enumerate(chunks):
+            if c.past_kv is not None:
+                kv.insert(i, c.past_kv)
+        adapters = [c.adapter for c in chunks]
+        hooks = None if all(a is None for a in adapters) else RowAdapters(
+            self.model.config, adapters, prompt_mask.to(device))
+        logits = self.model.forward(ids.to(device), positions.to(device), kv, hooks,
+                                    logit_index=torch.tensor(lengths, device=device) - 1)
+        return [ChunkOutput(kv.extract(i, c.start + lengths[i]).clone(), logits[i])
+                for i, c in enumerate(chunks)]

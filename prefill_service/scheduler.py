@@ -1,0 +1,114 @@
+"""Prefill batch planning: pure Python, no torch, no I/O.
+
+Each step takes waiting requests FIFO into one batch under a token budget, mixing tasks freely.
+A prompt longer than what is left of the budget is cut into chunks (chunked prefill): it takes what
+fits now and continues next step over the KV of its earlier chunks, so one long prompt cannot stall
+everyone behind it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from prad.errors import QueueFullError
+
+
+class PrefillStatus(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"  # some chunks done
+    SENDING = "sending"  # first token sampled, KV handed to the transport
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+@dataclass
+class PrefillRequest:
+    request_id: str
+    task: str
+    prompt_token_ids: list[int]
+    payload: Any = None  # engine-side state (adapter, sampling, sink, partial KV); opaque here
+    num_computed_tokens: int = 0  # prompt tokens whose KV exists already (earlier chunks)
+    status: PrefillStatus = PrefillStatus.WAITING
+    is_abort_requested: bool = False
+
+    @property
+    def num_remaining_tokens(self) -> int:
+        return len(self.prompt_token_ids) - self.num_computed_tokens
+
+
+@dataclass
+class PrefillChunk:
+    request: PrefillRequest
+    start: int  # first prompt position computed in this step
+    end: int  # one past the last
+
+    @property
+    def is_last(self) -> bool:
+        """This chunk completes the prompt: the step samples the first output token."""
+        return self.end == len(self.request.prompt_token_ids)
+
+
+@dataclass
+class PrefillBatch:
+    chunks: list[PrefillChunk] = field(default_factory=list)
+    aborted: list[PrefillRequest] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.end - c.start for c in self.chunks)
+
+
+class PrefillScheduler:
+    def __init__(self, max_prefill_tokens: int, max_batch_size: int, max_waiting: int) -> None:
+        if max_prefill_tokens < 1 or max_batch_size < 1 or max_waiting < 1:
+            raise ValueError(f"bad prefill bounds: tokens={max_prefill_tokens} batch={max_batch_size} "
+                             f"waiting={max_waiting}")
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_batch_size = max_batch_size
+        self.max_waiting = max_waiting
+        self.waiting: deque[PrefillRequest] = deque()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def add(self, request: PrefillRequest) -> None:
+        if not request.prompt_token_ids:
+            raise ValueError("empty prompt")
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"prefill queue full ({self.max_waiting} waiting)")
+        self.waiting.append(request)
+
+    def schedule(self) -> PrefillBatch:
+        batch = PrefillBatch()
+        for request in [r for r in self.waiting if r.is_abort_requested]:
+            self.waiting.remove(request)
+            request.status = PrefillStatus.ABORTED
+            batch.aborted.append(request)
+        budget = self.max_prefill_tokens
+        for request in self.waiting:
+            if budget == 0 or len(batch.chunks) == self.max_batch_size:
+                break
+            take = min(request.num_remaining_tokens, budget)
+            batch.chunks.append(PrefillChunk(request, request.num_computed_tokens,
+                                             request.num_computed_tokens + take))
+            budget -= take
+        return batch
+
+    def update(self, batch: PrefillBatch) -> list[PrefillRequest]:
+        """Record the step's progress; returns requests whose prompt is now complete (dequeued)."""
+        done = []
+        for chunk in batch.chunks:
+            chunk.request.num_computed_tokens = chunk.end
+            if chunk.is_last:
+                chunk.request.status = PrefillStatus.SENDING
+                self.waiting.remove(chunk.request)
+                done.append(chunk.request)
+            else:
+                chunk.request.status = PrefillStatus.PREFILLING
+        return done
+
+

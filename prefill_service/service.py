@@ -1,0 +1,120 @@
+"""The front door's logic, apart from HTTP: resolve the task, tokenize, check limits, run a request.
+
+`PrefillService.generate()` yields TokenEvents for one request; the HTTP layer turns them into JSON
+or SSE. Errors that the client caused or must know about are raised as ServiceError(status, message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from adapters_store.base import UnknownTaskError
+from kv_transfer.base import KVSender, TokenEvent
+from prad.adapters import Adapter, AdapterError
+from prad.errors import QueueFullError
+from prad.loading import LoadedModel
+from prad.sampling import MAX_SEED, SamplingParams
+from prefill_service.adapter_cache import AdapterCache
+from prefill_service.api_models import GenerateRequest
+from prefill_service.engine import PrefillEngine
+
+BASE_TASK = "base"
+
+
+class ServiceError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class PreparedRequest:
+    request_id: str
+    task: str
+    adapter: Adapter | None
+    adapter_version: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+class PrefillService:
+    def __init__(self, loaded: LoadedModel, adapters: AdapterCache, engine: PrefillEngine, sender: KVSender,
+                 max_seq_len: int, request_timeout_s: float) -> None:
+        self.loaded = loaded
+        self.adapters = adapters
+        self.engine = engine
+        self.sender = sender
+        self.max_seq_len = min(max_seq_len, loaded.config.max_position_embeddings)
+        self.request_timeout_s = request_timeout_s
+
+    def resolve(self, task: str) -> tuple[Adapter | None, str]:
+        if task == BASE_TASK:
+            return None, BASE_TASK
+        try:
+            adapter = self.adapters.get(task)
+        except UnknownTaskError:
+            raise ServiceError(404, f"unknown task {task!r}; known: {[BASE_TASK, *self.adapters.tasks()]}") from None
+        except (AdapterError, OSError) as e:
+            raise ServiceError(503, f"task {task!r} cannot be served: {e}") from e
+        return adapter, adapter.version
+
+    def prepare(self, body: GenerateRequest) -> PreparedRequest:
+        """Everything that can fail before queueing: task, template, tokenization, limits."""
+        adapter, version = self.resolve(body.task)
+        prompt = body.prompt
+        if prompt is None:
+            template = adapter.config.prompt_template if adapter is not None else None
+            prompt = (template or "{input}").replace("{input}", body.input or "")
+        ids = self.loaded.tokenizer(prompt).input_ids
+        if not ids:
+            raise ServiceError(422, "prompt is empty after tokenization")
+        if len(ids) >= self.max_seq_len:
+            raise ServiceError(413, f"prompt has {len(ids)} tokens; the context limit is {self.max_seq_len}")
+        if len(ids) + body.max_new_tokens > self.max_seq_len:
+            raise ServiceError(413, f"prompt ({len(ids)} tokens) + max_new_tokens ({body.max_new_tokens}) exceeds "
+                                    f"the context limit of {self.max_seq_len} tokens")
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
+        sampling = SamplingParams(body.max_new_tokens, body.temperature, body.top_p, body.top_k, seed,
+                                  tuple(body.stop), body.ignore_eos)
+        return PreparedRequest(uuid.uuid4().hex, body.task, adapter, version, ids, sampling)
+
+    def submit(self, req: PreparedRequest) -> AsyncIterator[TokenEvent]:
+        """Queue the request (ServiceError 429 when full) and return the stream of its events.
+
+        Must be called on the event loop; the stream aborts the request if its consumer goes away.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        deadline_s = time.time() + self.request_timeout_s
+
+        def sink(event: TokenEvent) -> None:  # called from engine threads
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        try:
+            self.engine.submit(req.request_id, req.task, req.prompt_token_ids, req.adapter, req.adapter_version,
+                               req.sampling, sink, deadline_s)
+        except QueueFullError as e:
+            raise ServiceError(429, f"server busy: {e}; retry later") from e
+        return self._events(req.request_id, events, deadline_s)
+
+    async def _events(self, request_id: str, events: asyncio.Queue[TokenEvent],
+                      deadline_s: float) -> AsyncIterator[TokenEvent]:
+        finished = False
+        try:
+            while not finished:
+                remaining = deadline_s + 5.0 - time.time()
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=max(remaining, 0.1))
+                except TimeoutError:
+                    raise ServiceError(504, f"request timed out after {self.request_timeout_s:.0f}s") from None
+                finished = event.is_final
+                yield event
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
