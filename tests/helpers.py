@@ -60,7 +60,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(app, timeout_s: float = 60.0):  # noqa: ANN001
+def running_server(app, timeout_s: float = 60.0):
     """Serve a FastAPI app with uvicorn on a free loopback port; yields the base URL."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

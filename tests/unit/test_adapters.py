@@ -26,7 +26,7 @@ def tiny(tmp_path_factory) -> Model:
     return Model(config, weights_from_tensors(config, read_tensors(path)))
 
 
-def _logits(model: Model, ids: torch.Tensor, adapters, mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+def _logits(model: Model, ids: torch.Tensor, adapters, mask: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
     hooks = RowAdapters(model.config, adapters, mask)
     return model.forward(ids, positions, None, hooks)
@@ -96,7 +96,7 @@ def test_gradients_flow_only_through_prompt_rows(tiny: Model) -> None:
     assert float(_adapter_grad(tiny, prompt_mask)) > 0.0
 
 
-def _save(tmp_path, tiny: Model, variant: str = "prad-pa", fingerprint: str = FP):  # noqa: ANN202
+def _save(tmp_path, tiny: Model, variant: str = "prad-pa", fingerprint: str = FP):
     config = AdapterConfig(variant=variant, rank=4, base_model_fingerprint=fingerprint)
     save_adapter(tmp_path / "a", config, init_tensors(config, tiny.config, 0, 0.1))
     return tmp_path / "a"

@@ -16,7 +16,7 @@ from tests.helpers import tiny_hf_model
 ATOL = 1e-4
 
 
-def _ours_and_hf(family: str, tmp_path):  # noqa: ANN202
+def _ours_and_hf(family: str, tmp_path):
     from transformers import AutoModelForCausalLM
 
     path = tiny_hf_model(family, tmp_path)
