@@ -53,9 +53,9 @@ def test_identity_adapter_gives_base_tokens_and_random_ones_differ(server: str) 
 
 def test_cli_reference_equals_server(server: str, adapters_dir: Path) -> None:
     prompt = PROMPTS[1]
-    out = subprocess.run([sys.executable, "-m", "launcher.cli", "generate", "--adapter", str(adapters_dir / "lora-task"),
-                          "--prompt", prompt, "--max-new-tokens", "8", "--reference", "--dtype", "float32",
-                          "--device", "cpu"], capture_output=True, text=True, timeout=300, check=True)
+    command = [sys.executable, "-m", "launcher.cli", "generate", "--adapter", str(adapters_dir / "lora-task"),
+               "--prompt", prompt, "--max-new-tokens", "8", "--reference", "--dtype", "float32", "--device", "cpu"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
     ref = json.loads(out.stdout.strip().splitlines()[-1])
     got = gen(server, task="lora-task", prompt=prompt, max_new_tokens=8)
     assert got["token_ids"] == ref["token_ids"] and got["text"] == ref["text"]

@@ -150,5 +150,5 @@ def test_non_finite_refused(tmp_path, tiny: Model) -> None:
     tensors = init_tensors(config, tiny.config, 0, 0.1)
     tensors["layers.1.pa.up"][0, 0] = float("nan")
     save_adapter(tmp_path / "a", config, tensors)
-    with pytest.raises(AdapterError, match="layers.1.pa.up holds NaN"):
+    with pytest.raises(AdapterError, match=r"layers\.1\.pa\.up holds NaN"):
         load_adapter(tmp_path / "a", tiny.config, FP)
