@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
-ADAPTERS ?= examples/adapters
+ADAPTERS ?= var/adapters
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint demo-adapters clean
 
 install: $(STAMP)
 
@@ -25,8 +25,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/prad model prepare
 	touch $(STAMP)
 
-serve: install
+serve: install demo-adapters
 	$(BIN)/prad serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
+
+# Two randomly initialised demo tasks (fixed seeds), so a fresh server answers more than `base`.
+# They are stand-ins for trained adapters: same format, same serving path, no task skill.
+demo-adapters: install
+	@mkdir -p $(ADAPTERS)
+	test -f $(ADAPTERS)/demo-lora/adapter.safetensors || \
+	  $(BIN)/prad adapters init --variant prad-lora --rank 8 --seed 2 --scale 0.3 $(ADAPTERS)/demo-lora
+	test -f $(ADAPTERS)/demo-sa/adapter.safetensors || \
+	  $(BIN)/prad adapters init --variant prad-sa --rank 8 --seed 3 --scale 0.5 $(ADAPTERS)/demo-sa
 
 test: install
 	$(BIN)/ruff check .

@@ -115,8 +115,8 @@ class DecodeEngine(DecodeBackend):
                 out = self.scheduler.schedule()
                 for seq in out.aborted:
                     self._finish_event(seq)
-                for src, dst in out.moves:
-                    self._move(src, dst)
+                for move in out.moves:
+                    self.runner.move(*move)
                 for seq in out.admitted:
                     self.runner.ensure_capacity(seq.num_reserved_tokens)
                     self.runner.insert(seq.row, seq.payload.handoff.kv)
@@ -144,8 +144,8 @@ class DecodeEngine(DecodeBackend):
         with self._lock:
             for seq, token in zip(running, tokens, strict=True):
                 if seq.status is SeqStatus.RUNNING and self._accept_token(seq, token):
-                    for src, dst in self.scheduler.finish(seq, seq.status):
-                        self._move(src, dst)
+                    for move in self.scheduler.finish(seq, seq.status):
+                        self.runner.move(*move)
 
     # --- per-token bookkeeping ----------------------------------------------------------------
     def _accept_token(self, seq: DecodeSequence, token: int) -> bool:
@@ -175,11 +175,6 @@ class DecodeEngine(DecodeBackend):
     def _status_for(reason: str) -> SeqStatus:
         return {"stop": SeqStatus.FINISHED_STOP, "length": SeqStatus.FINISHED_LENGTH}.get(
             reason, SeqStatus.FINISHED_ABORTED)
-
-    def _move(self, src: int, dst: int) -> None:
-        # Copy through the newest position: whether or not this step's token is appended yet,
-        # every position up to last_position (inclusive) that holds KV comes along.
-        self.runner.move(src, dst, self.scheduler.rows[dst].last_position + 1)
 
     def _finish_event(self, seq: DecodeSequence) -> None:
         self._by_id.pop(seq.request_id, None)

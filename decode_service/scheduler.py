@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from prad.errors import QueueFullError
 
@@ -49,11 +49,19 @@ class DecodeSequence:
         return self.num_prompt_tokens + len(self.output_token_ids) - 1
 
 
+class KVMove(NamedTuple):
+    """Copy a running request's KV from row src to row dst (apply moves in the order given)."""
+
+    src: int
+    dst: int
+    num_positions: int  # positions to copy, fixed when the move is made (the request may move again)
+
+
 @dataclass
 class ScheduleOutput:
     admitted: list[DecodeSequence] = field(default_factory=list)  # newly given a row: insert their KV
     aborted: list[DecodeSequence] = field(default_factory=list)  # removed this step
-    moves: list[tuple[int, int]] = field(default_factory=list)  # (src_row, dst_row) KV copies, in order
+    moves: list[KVMove] = field(default_factory=list)  # KV copies keeping rows dense, in order
     running: list[DecodeSequence] = field(default_factory=list)  # rows 0..n-1 in row order
 
 
@@ -109,15 +117,17 @@ class DecodeScheduler:
         out.running = list(self.rows)
         return out
 
-    def finish(self, seq: DecodeSequence, status: SeqStatus) -> list[tuple[int, int]]:
+    def finish(self, seq: DecodeSequence, status: SeqStatus) -> list[KVMove]:
         """Release a running sequence's row; returns the KV move that keeps rows dense."""
         assert status.is_finished and seq.row is not None and self.rows[seq.row] is seq
         row, last = seq.row, len(self.rows) - 1
-        moves: list[tuple[int, int]] = []
+        moves: list[KVMove] = []
         if row != last:
             moved = self.rows[last]
             self.rows[row], moved.row = moved, row
-            moves.append((last, row))
+            # Through the newest position: whether or not this step's token is appended yet,
+            # every position that holds KV comes along.
+            moves.append(KVMove(last, row, moved.last_position + 1))
         self.rows.pop()
         self.num_reserved_tokens -= seq.num_reserved_tokens
         seq.status, seq.row = status, None
