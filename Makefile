@@ -34,8 +34,8 @@ demo-adapters: install
 	@mkdir -p $(ADAPTERS)
 	test -f $(ADAPTERS)/demo-lora/adapter.safetensors || \
 	  $(BIN)/prad adapters init --variant prad-lora --rank 8 --seed 2 --scale 0.3 $(ADAPTERS)/demo-lora
-	test -f $(ADAPTERS)/demo-sa/adapter.safetensors || \
-	  $(BIN)/prad adapters init --variant prad-sa --rank 8 --seed 3 --scale 0.5 $(ADAPTERS)/demo-sa
+	test -f $(ADAPTERS)/demo-pa/adapter.safetensors || \
+	  $(BIN)/prad adapters init --variant prad-pa --rank 8 --seed 3 --scale 0.6 $(ADAPTERS)/demo-pa
 
 test: install
 	$(BIN)/ruff check .
