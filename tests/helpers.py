@@ -17,23 +17,23 @@ from prad.adapters.io import init_tensors, save_adapter
 from prad.config import ModelConfig
 
 
-def tiny_hf_model(family: str, tmp: Path) -> Path:
-    """Save a tiny random-initialised HF model (fp32, safetensors) and a tokenizer-free config."""
+def tiny_hf_model(family: str, tmp: Path, vocab_size: int = 128) -> Path:
+    """Save a tiny random-initialised HF model (fp32, safetensors), without a tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              max_position_embeddings=128, rope_theta=10000.0,
                                              tie_word_embeddings=False, eos_token_id=1))
     elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96,
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              max_position_embeddings=128, tie_word_embeddings=True,
                                              eos_token_id=1))
     else:
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                            eos_token_id=1))
     out = tmp / family
     model.save_pretrained(out, safe_serialization=True)
