@@ -22,7 +22,7 @@ LONG_PROMPT = ("In the beginning the server had one task, then eight, then sixty
                "only the prompt, and the decode loop never noticed how many tasks shared its batch. ") * 2
 
 
-def test_one_prefill_batch_of_16_tasks_and_base_equals_rows_alone(smollm2) -> None:  # noqa: ANN001
+def test_one_prefill_batch_of_16_tasks_and_base_equals_rows_alone(smollm2) -> None:
     variants = ["prad-pa", "prad-sa", "prad-lora"]
     adapters = [random_adapter(variants[i % 3], smollm2.config, smollm2.fingerprint, i, 0.3, rank=4 + i % 5)
                 for i in range(16)] + [None]
@@ -37,7 +37,7 @@ def test_one_prefill_batch_of_16_tasks_and_base_equals_rows_alone(smollm2) -> No
         assert int(out.logits.argmax()) == int(alone.logits.argmax())
 
 
-def test_chunked_prefill_equals_unchunked(smollm2) -> None:  # noqa: ANN001
+def test_chunked_prefill_equals_unchunked(smollm2) -> None:
     runner = PrefillRunner(smollm2.model)
     adapter = random_adapter("prad-lora", smollm2.config, smollm2.fingerprint, 3, 0.3)
     ids = smollm2.tokenizer(LONG_PROMPT).input_ids
@@ -51,7 +51,7 @@ def test_chunked_prefill_equals_unchunked(smollm2) -> None:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def small_cache_server(smollm2, tmp_path_factory):  # noqa: ANN001, ANN201
+def small_cache_server(smollm2, tmp_path_factory):
     """16 tasks, 3 adapter slots, 16-token prefill budget: evictions and chunking on every request."""
     root = tmp_path_factory.mktemp("many")
     for i in range(16):
@@ -64,7 +64,7 @@ def small_cache_server(smollm2, tmp_path_factory):  # noqa: ANN001, ANN201
         yield url, app, root
 
 
-def test_more_tasks_than_cache_slots_and_chunked_prompts_stay_exact(small_cache_server, smollm2) -> None:  # noqa: ANN001
+def test_more_tasks_than_cache_slots_and_chunked_prompts_stay_exact(small_cache_server, smollm2) -> None:
     url, app, root = small_cache_server
     bodies = [{"task": f"task{i}", "prompt": LONG_PROMPT[: 40 + 9 * i], "max_new_tokens": 6} for i in range(16)]
     with ThreadPoolExecutor(16) as pool:
@@ -79,7 +79,7 @@ def test_more_tasks_than_cache_slots_and_chunked_prompts_stay_exact(small_cache_
     assert len(app.state.service.adapters._entries) <= 3
 
 
-def test_client_disconnect_frees_decode_slot(small_cache_server) -> None:  # noqa: ANN001
+def test_client_disconnect_frees_decode_slot(small_cache_server) -> None:
     url, app, _ = small_cache_server
     decode = app.state.engines["decode"]
     body = {"task": "base", "prompt": "Count to a thousand:", "max_new_tokens": 200, "ignore_eos": True,
@@ -95,7 +95,7 @@ def test_client_disconnect_frees_decode_slot(small_cache_server) -> None:  # noq
     assert decode.stats()["num_reserved_kv_tokens"] == 0
 
 
-def test_early_leavers_do_not_disturb_others(small_cache_server) -> None:  # noqa: ANN001
+def test_early_leavers_do_not_disturb_others(small_cache_server) -> None:
     """Requests finishing by stop string, EOS or length mid-batch; late joiners; all == alone."""
     url, _, _ = small_cache_server
     bodies = [{"task": "base", "prompt": "The capital of France is", "max_new_tokens": 30, "stop": ["\n"]},
@@ -114,7 +114,7 @@ def test_early_leavers_do_not_disturb_others(small_cache_server) -> None:  # noq
     assert {r["finish_reason"] for r in alone} >= {"stop", "length"}
 
 
-def test_bf16_decode_batch_shape_tolerance(smollm2) -> None:  # noqa: ANN001
+def test_bf16_decode_batch_shape_tolerance(smollm2) -> None:
     """bf16: a row's logits in a batch of 8 vs alone differ only by rounding (documented bound)."""
     from prad.loading import load_model
 

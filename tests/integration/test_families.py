@@ -18,7 +18,7 @@ from tests.helpers import running_server, tiny_hf_model, write_adapter
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2", "llama"])
-def test_local_hf_dir_serves_and_matches_reference(family: str, smollm2, tmp_path) -> None:  # noqa: ANN001
+def test_local_hf_dir_serves_and_matches_reference(family: str, smollm2, tmp_path) -> None:
     path = tiny_hf_model(family, tmp_path, vocab_size=smollm2.config.vocab_size)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2.path / name, path / name)
@@ -40,7 +40,7 @@ def test_local_hf_dir_serves_and_matches_reference(family: str, smollm2, tmp_pat
             assert r.json()["token_ids"] == ref
 
 
-def test_adapter_for_another_model_refused_by_fingerprint(smollm2, tmp_path) -> None:  # noqa: ANN001
+def test_adapter_for_another_model_refused_by_fingerprint(smollm2, tmp_path) -> None:
     path = tiny_hf_model("llama", tmp_path, vocab_size=smollm2.config.vocab_size)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2.path / name, path / name)
@@ -52,7 +52,7 @@ def test_adapter_for_another_model_refused_by_fingerprint(smollm2, tmp_path) -> 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_forward_close_to_cpu_fp32(smollm2) -> None:  # noqa: ANN001
+def test_cuda_bf16_forward_close_to_cpu_fp32(smollm2) -> None:
     gpu = load_model(None, "cuda", "bfloat16")
     ids = torch.tensor([smollm2.tokenizer("The quick brown fox jumps over").input_ids])
     positions = torch.arange(ids.shape[1])[None]
