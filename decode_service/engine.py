@@ -14,6 +14,7 @@ from kv_transfer.base import DecodeBackend, EventSink, TokenEvent
 from kv_transfer.handoff import KVHandoff, KVLayout, check_handoff
 from prad.detokenizer import Detokenizer
 from prad.loading import LoadedModel
+from prad.metrics import Metrics
 from prad.sampling import sample_batch
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ class _Job:
 
 class DecodeEngine(DecodeBackend):
     def __init__(self, loaded: LoadedModel, config: DecodeConfig,
-                 compute_lock: AbstractContextManager[object] | None = None) -> None:
+                 compute_lock: AbstractContextManager[object] | None = None, metrics: Metrics | None = None) -> None:
         self.loaded = loaded
         self.config = config
+        self.metrics = metrics or Metrics()
         self.runner = DecodeRunner(loaded.model, config.max_batch_size, config.max_seq_len)
         self.scheduler = DecodeScheduler(config.max_batch_size, config.max_kv_tokens, config.max_waiting)
         self.compute_lock = compute_lock or nullcontext()
@@ -122,6 +124,7 @@ class DecodeEngine(DecodeBackend):
                     self.runner.insert(seq.row, seq.payload.handoff.kv)
                     seq.payload.handoff.kv = None  # the cache holds it now
                 running = out.running
+                self._observe(len(running))
             if not running:
                 continue
             try:
@@ -131,6 +134,13 @@ class DecodeEngine(DecodeBackend):
                 self._fail(running, f"decode step failed: {e}")
                 continue
             self._update(running, tokens)
+
+    def _observe(self, batch_size: int) -> None:
+        m, s = self.metrics, self.scheduler
+        m.batch_size.set(batch_size)
+        m.num_running.set(s.num_running)
+        m.num_waiting.labels("decode").set(s.num_waiting)
+        m.kv_usage.set(s.num_reserved_tokens / self.config.max_kv_tokens)
 
     def _execute(self, running: list[DecodeSequence]) -> list[int]:
         with self.compute_lock:

@@ -34,6 +34,8 @@ EventSink = Callable[[TokenEvent], None]
 class KVSender(abc.ABC):
     """Prefill side of a transport."""
 
+    transport_name: str = "abstract"  # metrics label: inproc | grpc | redis
+
     @abc.abstractmethod
     def send(self, handoff: KVHandoff, sink: EventSink) -> None:
         """Hand the KV over; events for the request arrive on `sink` (from any thread)."""

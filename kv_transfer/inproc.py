@@ -7,6 +7,8 @@ from kv_transfer.handoff import KVHandoff
 
 
 class InprocSender(KVSender):
+    transport_name = "inproc"
+
     def __init__(self, backend: DecodeBackend) -> None:
         self.backend = backend
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -28,11 +27,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from launcher.embedded import serve_embedded
+    from launcher.logs import configure_logging
     from launcher.settings import ServeSettings
 
     overrides = {k: v for k, v in vars(args).items()
                  if k in ServeSettings.model_fields and v is not None}
     settings = ServeSettings(**overrides)
+    configure_logging(settings.log_level, settings.log_format)
     _set_threads(settings.threads)
     serve_embedded(settings)
     return 0
@@ -98,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("max-batch-size", "max-seq-len", "max-kv-tokens", "max-prefill-tokens", "max-waiting",
                  "max-loaded-adapters"):
         serve.add_argument(f"--{flag}", type=int, default=None)
+    serve.add_argument("--max-task-labels", type=int, default=None, help="per-task metric labels before 'other'")
     serve.add_argument("--request-timeout-s", type=float, default=None)
+    serve.add_argument("--api-key", default=None, help="bearer token required on /v1/* (or PRAD_API_KEY)")
+    serve.add_argument("--log-format", default=None, choices=["text", "json"])
+    serve.add_argument("--log-level", default=None)
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="greedy generation by one masked forward per step (the yardstick)")
@@ -133,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from launcher.logs import configure_logging
+
+    configure_logging()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

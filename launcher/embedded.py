@@ -13,6 +13,7 @@ from decode_service.engine import DecodeConfig, DecodeEngine
 from kv_transfer.inproc import InprocSender
 from launcher.settings import ServeSettings
 from prad.loading import LoadedModel, load_model
+from prad.metrics import Metrics
 from prefill_service.adapter_cache import AdapterCache
 from prefill_service.app import create_app
 from prefill_service.engine import PrefillConfig, PrefillEngine
@@ -26,17 +27,18 @@ def build_embedded_app(settings: ServeSettings, loaded: LoadedModel | None = Non
     loaded = loaded or load_model(settings.model, settings.device, settings.dtype)
     # One lock around forward passes: prefill and decode threads must not oversubscribe the cores.
     compute_lock = threading.Lock()
+    metrics = Metrics(settings.max_task_labels)
     max_seq_len = min(settings.max_seq_len, loaded.config.max_position_embeddings)
     decode = DecodeEngine(loaded, DecodeConfig(settings.max_batch_size, max_seq_len, settings.kv_budget,
-                                               settings.max_waiting), compute_lock)
+                                               settings.max_waiting), compute_lock, metrics)
     sender = InprocSender(decode)
     prefill = PrefillEngine(loaded, sender, PrefillConfig(settings.max_prefill_tokens, 64, settings.max_waiting),
-                            compute_lock)
+                            compute_lock, metrics)
     cache = AdapterCache(DirectoryStore(settings.adapters), loaded.model, loaded.fingerprint,
-                         settings.max_loaded_adapters)
+                         settings.max_loaded_adapters, metrics.adapter_event)
     for task, error in cache.validate_all().items():
         log.error("task %s will not be served: %s", task, error)
-    service = PrefillService(loaded, cache, prefill, sender, max_seq_len, settings.request_timeout_s)
+    service = PrefillService(loaded, cache, prefill, sender, max_seq_len, settings.request_timeout_s, metrics)
 
     def start() -> None:
         decode.start()
@@ -54,7 +56,7 @@ def build_embedded_app(settings: ServeSettings, loaded: LoadedModel | None = Non
             problems["decode"] = "decode engine not running"
         return problems
 
-    app = create_app(service, start, stop, readiness)
+    app = create_app(service, start, stop, readiness, settings.api_key)
     app.state.engines = {"prefill": prefill, "decode": decode}
     return app
 
@@ -62,4 +64,4 @@ def build_embedded_app(settings: ServeSettings, loaded: LoadedModel | None = Non
 def serve_embedded(settings: ServeSettings) -> None:
     app = build_embedded_app(settings)
     log.info("serving on http://%s:%d", settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None)

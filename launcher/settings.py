@@ -27,6 +27,9 @@ class ServeSettings(BaseSettings):
     request_timeout_s: float = Field(default=300.0, gt=0)
     threads: int | None = Field(default=None, ge=1, description="torch threads (default: free cores)")
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    api_key: str | None = Field(default=None, description="required as a bearer token on /v1/* when set")
+    max_task_labels: int = Field(default=100, ge=1, description="per-task metric labels before 'other'")
 
     @property
     def kv_budget(self) -> int:

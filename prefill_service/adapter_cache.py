@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapters_store.base import AdapterStore, UnknownTaskError
@@ -27,7 +28,9 @@ class CacheStats:
 
 
 class AdapterCache:
-    def __init__(self, store: AdapterStore, model: Model, fingerprint: str, max_loaded: int) -> None:
+    def __init__(self, store: AdapterStore, model: Model, fingerprint: str, max_loaded: int,
+                 on_event: Callable[[str, str], None] | None = None) -> None:
+        """on_event(event, task) sees every hit, miss, load and eviction (for metrics)."""
         if max_loaded < 1:
             raise ValueError(f"max_loaded_adapters must be >= 1, got {max_loaded}")
         self.store = store
@@ -35,6 +38,7 @@ class AdapterCache:
         self.fingerprint = fingerprint
         self.max_loaded = max_loaded
         self.stats = CacheStats()
+        self.on_event = on_event or (lambda event, task: None)
         self._entries: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -49,16 +53,23 @@ class AdapterCache:
             if adapter is not None:
                 self._entries.move_to_end(key)
                 self.stats.hits += 1
+                self.on_event("hit", task)
                 return adapter
             self.stats.misses += 1
+        self.on_event("miss", task)
         adapter = self._load(task)
+        evicted = []
         with self._lock:
             self.stats.loads += 1
             self._entries[key] = adapter
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_loaded:
-                self._entries.popitem(last=False)
+                (evicted_task, _), _ = self._entries.popitem(last=False)
+                evicted.append(evicted_task)
                 self.stats.evictions += 1
+        self.on_event("load", task)
+        for evicted_task in evicted:
+            self.on_event("eviction", evicted_task)
         return adapter
 
     def _load(self, task: str) -> Adapter:

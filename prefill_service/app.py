@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from kv_transfer.base import TokenEvent
 from prefill_service.api_models import GenerateRequest, GenerateResponse, Usage
+from prefill_service.openai_api import build_router, openai_error
 from prefill_service.service import PrefillService, PreparedRequest, ServiceError
 
 MAX_REQUEST_BYTES = 1 << 20
@@ -27,8 +31,9 @@ ServiceDep = Annotated[PrefillService, Depends(get_service)]
 
 def create_app(service: PrefillService, on_start: Callable[[], None] | None = None,
                on_stop: Callable[[], None] | None = None,
-               readiness: Callable[[], dict[str, str]] | None = None) -> FastAPI:
-    """readiness() returns {component: problem} for what is not ready (empty = ready)."""
+               readiness: Callable[[], dict[str, str]] | None = None, api_key: str | None = None) -> FastAPI:
+    """readiness() returns {component: problem} for what is not ready (empty = ready).
+    api_key, when set, is required as `Authorization: Bearer <key>` on /v1/*."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -43,15 +48,33 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
     app.state.readiness = readiness or (lambda: {})
 
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):
+            return openai_error(exc.status, exc.message)
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        request.app.state.service.count_error("invalid", 422)
+        errors = exc.errors()
+        if request.url.path.startswith("/v1/"):
+            first = errors[0] if errors else {}
+            param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+            return openai_error(400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors), param)
+        return JSONResponse({"detail": [{k: e[k] for k in ("loc", "msg", "type")} for e in errors]}, status_code=422)
+
     @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
+    async def _guard(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_REQUEST_BYTES):
             return JSONResponse({"detail": f"request body over {MAX_REQUEST_BYTES} bytes"}, status_code=413)
+        if api_key and request.url.path.startswith("/v1/") and not _has_key(request, api_key):
+            return openai_error(401, "missing or invalid API key (Authorization: Bearer <key>)")
         return await call_next(request)
+
+    @app.get("/metrics")
+    async def metrics(service: ServiceDep) -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -75,7 +98,14 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
             return StreamingResponse(_sse(prepared, events), media_type="text/event-stream")
         return await _collect(prepared, events)
 
+    app.include_router(build_router(get_service))
     return app
+
+
+def _has_key(request: Request, api_key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
 
 
 def _task_rows(service: PrefillService) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from kv_transfer.handoff import HandoffError, KVHandoff, KVLayout
 from prad.adapters import Adapter
 from prad.errors import QueueFullError
 from prad.loading import LoadedModel
+from prad.metrics import Metrics
 from prad.sampling import SamplingParams, sample_one
 from prefill_service.runner import ChunkInput, PrefillRunner
 from prefill_service.scheduler import PrefillBatch, PrefillRequest, PrefillScheduler
@@ -38,12 +39,14 @@ class _Job:
     deadline_s: float | None
     arrived_s: float
     past_kv: object = None  # torch.Tensor of earlier chunks, when chunked
+    started_s: float | None = None  # when its first chunk was scheduled
 
 
 class PrefillEngine:
     def __init__(self, loaded: LoadedModel, sender: KVSender, config: PrefillConfig,
-                 compute_lock: AbstractContextManager[object] | None = None) -> None:
+                 compute_lock: AbstractContextManager[object] | None = None, metrics: Metrics | None = None) -> None:
         self.loaded = loaded
+        self.metrics = metrics or Metrics()
         self.sender = sender
         self.config = config
         self.runner = PrefillRunner(loaded.model)
@@ -79,6 +82,7 @@ class PrefillEngine:
         with self._lock:
             self.scheduler.add(request)
             self._by_id[request_id] = request
+            self.metrics.num_waiting.labels("prefill").set(self.scheduler.num_waiting)
             self._lock.notify_all()
 
     def abort(self, request_id: str) -> None:
@@ -132,6 +136,7 @@ class PrefillEngine:
                 chunk.request.payload.past_kv = None if chunk.is_last else out.kv
             for request in done:
                 self._by_id.pop(request.request_id, None)
+            self.metrics.num_waiting.labels("prefill").set(self.scheduler.num_waiting)
         for chunk, out in zip(batch.chunks, outputs, strict=True):
             if chunk.is_last:
                 self._hand_off(chunk.request, out)
@@ -144,17 +149,28 @@ class PrefillEngine:
                           len(request.prompt_token_ids))
         handoff = KVHandoff(request.request_id, request.task, job.adapter_version, self.loaded.fingerprint,
                             request.prompt_token_ids, first, job.sampling, job.deadline_s, layout, out.kv)
+        m, transport = self.metrics, self.sender.transport_name
+        m.prefill_s.labels(m.task(request.task)).observe(time.monotonic() - (job.started_s or job.arrived_s))
+        m.prompt_tokens.labels(m.task(request.task)).inc(len(request.prompt_token_ids))
+        sent_s = time.monotonic()
         try:
             self.sender.send(handoff, job.sink)
         except QueueFullError as e:
-            job.sink(_error(request, str(e), 429))
+            self._send_failed(request, "queue_full", str(e), 429)
         except HandoffError as e:
-            job.sink(_error(request, f"decode refused the KV handoff: {e}", 502))
+            self._send_failed(request, "rejected", f"decode refused the KV handoff: {e}", 502)
         except ValueError as e:
-            job.sink(_error(request, str(e), 400))
+            self._send_failed(request, "invalid", str(e), 400)
         except Exception as e:  # transport down: the client gets a 503 with the reason
             log.warning("handoff of %s failed: %s", request.request_id, e)
-            job.sink(_error(request, f"decode service unavailable: {e}", 503))
+            self._send_failed(request, "unavailable", f"decode service unavailable: {e}", 503)
+        else:
+            m.kv_transfer_s.labels(transport).observe(time.monotonic() - sent_s)
+            m.kv_transfer_bytes.labels(transport).inc(out.kv.numel() * out.kv.element_size())
+
+    def _send_failed(self, request: PrefillRequest, reason: str, message: str, status: int) -> None:
+        self.metrics.kv_transfer_failures.labels(self.sender.transport_name, reason).inc()
+        request.payload.sink(_error(request, message, status))
 
     def _fail(self, batch: PrefillBatch, message: str) -> None:
         with self._lock:

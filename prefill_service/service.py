@@ -7,6 +7,7 @@ or SSE. Errors that the client caused or must know about are raised as ServiceEr
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 import uuid
@@ -18,12 +19,17 @@ from kv_transfer.base import KVSender, TokenEvent
 from prad.adapters import Adapter, AdapterError
 from prad.errors import QueueFullError
 from prad.loading import LoadedModel
+from prad.metrics import Metrics
 from prad.sampling import MAX_SEED, SamplingParams
 from prefill_service.adapter_cache import AdapterCache
 from prefill_service.api_models import GenerateRequest
 from prefill_service.engine import PrefillEngine
 
 BASE_TASK = "base"
+ERROR_KINDS = {400: "invalid", 404: "unknown_task", 413: "too_long", 422: "invalid", 429: "queue_full",
+               502: "kv_rejected", 503: "unavailable", 504: "timeout"}
+
+log = logging.getLogger("prad.requests")
 
 
 class ServiceError(Exception):
@@ -41,12 +47,14 @@ class PreparedRequest:
     adapter_version: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    arrived_s: float  # time.monotonic() when the request arrived
 
 
 class PrefillService:
     def __init__(self, loaded: LoadedModel, adapters: AdapterCache, engine: PrefillEngine, sender: KVSender,
-                 max_seq_len: int, request_timeout_s: float) -> None:
+                 max_seq_len: int, request_timeout_s: float, metrics: Metrics | None = None) -> None:
         self.loaded = loaded
+        self.metrics = metrics or Metrics()
         self.adapters = adapters
         self.engine = engine
         self.sender = sender
@@ -66,6 +74,19 @@ class PrefillService:
 
     def prepare(self, body: GenerateRequest) -> PreparedRequest:
         """Everything that can fail before queueing: task, template, tokenization, limits."""
+        arrived_s = time.monotonic()
+        try:
+            return self._prepare(body, arrived_s)
+        except ServiceError as e:
+            # Unknown task ids never become labels: anyone could mint them.
+            self.count_error(body.task if e.status != 404 else "unknown", e.status)
+            raise
+
+    def count_error(self, task: str, status: int) -> None:
+        kind = ERROR_KINDS.get(status, "internal" if status >= 500 else "invalid")
+        self.metrics.request_errors.labels(self.metrics.task(task), kind).inc()
+
+    def _prepare(self, body: GenerateRequest, arrived_s: float) -> PreparedRequest:
         adapter, version = self.resolve(body.task)
         prompt = body.prompt
         if prompt is None:
@@ -82,7 +103,7 @@ class PrefillService:
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
         sampling = SamplingParams(body.max_new_tokens, body.temperature, body.top_p, body.top_k, seed,
                                   tuple(body.stop), body.ignore_eos)
-        return PreparedRequest(uuid.uuid4().hex, body.task, adapter, version, ids, sampling)
+        return PreparedRequest(uuid.uuid4().hex, body.task, adapter, version, ids, sampling, arrived_s)
 
     def submit(self, req: PreparedRequest) -> AsyncIterator[TokenEvent]:
         """Queue the request (ServiceError 429 when full) and return the stream of its events.
@@ -100,21 +121,65 @@ class PrefillService:
             self.engine.submit(req.request_id, req.task, req.prompt_token_ids, req.adapter, req.adapter_version,
                                req.sampling, sink, deadline_s)
         except QueueFullError as e:
+            self.count_error(req.task, 429)
             raise ServiceError(429, f"server busy: {e}; retry later") from e
-        return self._events(req.request_id, events, deadline_s)
+        return self._events(req, events, deadline_s)
 
-    async def _events(self, request_id: str, events: asyncio.Queue[TokenEvent],
+    async def _events(self, req: PreparedRequest, events: asyncio.Queue[TokenEvent],
                       deadline_s: float) -> AsyncIterator[TokenEvent]:
         finished = False
+        tracker = _LatencyTracker(self.metrics, req)
         try:
             while not finished:
                 remaining = deadline_s + 5.0 - time.time()
                 try:
                     event = await asyncio.wait_for(events.get(), timeout=max(remaining, 0.1))
                 except TimeoutError:
+                    self.count_error(req.task, 504)
                     raise ServiceError(504, f"request timed out after {self.request_timeout_s:.0f}s") from None
                 finished = event.is_final
+                tracker.observe(event)
+                if finished:
+                    self._finished(req, event, tracker)
                 yield event
         finally:
             if not finished:
-                self.engine.abort(request_id)
+                self.engine.abort(req.request_id)
+                self.metrics.request_success.labels(self.metrics.task(req.task), "abort").inc()
+
+    def _finished(self, req: PreparedRequest, event: TokenEvent, tracker: _LatencyTracker) -> None:
+        if event.finish_reason == "error":
+            self.count_error(req.task, event.error_status)
+        else:
+            self.metrics.request_success.labels(self.metrics.task(req.task), event.finish_reason).inc()
+        log.info("request finished", extra={
+            "request_id": req.request_id, "task": req.task, "adapter_version": req.adapter_version,
+            "finish_reason": event.finish_reason, "prompt_tokens": len(req.prompt_token_ids),
+            "completion_tokens": tracker.num_tokens, "latency_s": round(time.monotonic() - req.arrived_s, 4),
+            "error": event.error})
+
+
+class _LatencyTracker:
+    """TTFT, inter-token latency, e2e latency and generated tokens of one request."""
+
+    def __init__(self, metrics: Metrics, req: PreparedRequest) -> None:
+        self.metrics = metrics
+        self.label = metrics.task(req.task)
+        self.arrived_s = req.arrived_s
+        self.last_token_s: float | None = None
+        self.num_tokens = 0
+
+    def observe(self, event: TokenEvent) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        for _ in event.token_ids:
+            if self.last_token_s is None:
+                m.ttft_s.labels(self.label).observe(now - self.arrived_s)
+            else:
+                m.itl_s.labels(self.label).observe(now - self.last_token_s)
+            self.last_token_s = now
+        self.num_tokens += len(event.token_ids)
+        if event.token_ids:
+            m.generation_tokens.labels(self.label).inc(len(event.token_ids))
+        if event.is_final:
+            m.e2e_s.labels(self.label).observe(now - self.arrived_s)

@@ -1,0 +1,83 @@
+"""Prometheus metrics, vLLM-style names under a `prad:` prefix, one registry per service instance.
+
+Per-task labels stay bounded: the first `max_task_labels` tasks seen keep their own label, every
+later one is counted under `other` (`base`, `unknown` and `invalid` always keep their own).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+OTHER_TASK = "other"
+# Labels outside the cap: no adapter, requests naming no known task, requests that failed validation.
+RESERVED_TASKS = frozenset({"base", "unknown", "invalid"})
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ITL_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class TaskLabels:
+    """Maps task ids to a bounded set of label values (thread-safe)."""
+
+    def __init__(self, max_task_labels: int) -> None:
+        if max_task_labels < 1:
+            raise ValueError(f"max_task_labels must be >= 1, got {max_task_labels}")
+        self.max_task_labels = max_task_labels
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, task: str) -> str:
+        if task in RESERVED_TASKS:
+            return task
+        with self._lock:
+            if task in self._seen:
+                return task
+            if len(self._seen) < self.max_task_labels:
+                self._seen.add(task)
+                return task
+        return OTHER_TASK
+
+
+class Metrics:
+    def __init__(self, max_task_labels: int = 100) -> None:
+        self.registry = CollectorRegistry()
+        self.task = TaskLabels(max_task_labels)
+        r = self.registry
+
+        def hist(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"prad:{name}", doc, labels, buckets=buckets, registry=r)
+
+        self.ttft_s = hist("time_to_first_token_seconds", "Arrival to first token", ("task",), LATENCY_BUCKETS_S)
+        self.itl_s = hist("inter_token_latency_seconds", "Gap between output tokens", ("task",), ITL_BUCKETS_S)
+        self.e2e_s = hist("e2e_request_latency_seconds", "Arrival to last token", ("task",), LATENCY_BUCKETS_S)
+        self.queue_s = hist("request_queue_time_seconds", "Arrival to first prefill step", ("task",),
+                            LATENCY_BUCKETS_S)
+        self.prefill_s = hist("request_prefill_time_seconds", "First prefill step to KV handoff", ("task",),
+                              LATENCY_BUCKETS_S)
+        self.num_running = Gauge("prad:num_requests_running", "Requests in the decode batch", registry=r)
+        self.num_waiting = Gauge("prad:num_requests_waiting", "Requests queued", ("service",), registry=r)
+        self.batch_size = Gauge("prad:decode_batch_size", "Rows in the latest decode step", registry=r)
+        self.kv_usage = Gauge("prad:kv_cache_usage_perc", "Reserved share of the decode KV budget (0-1)",
+                              registry=r)
+        self.prompt_tokens = Counter("prad:prompt_tokens", "Prompt tokens prefilled", ("task",), registry=r)
+        self.generation_tokens = Counter("prad:generation_tokens", "Tokens generated", ("task",), registry=r)
+        self.request_success = Counter("prad:request_success", "Finished requests", ("task", "finish_reason"),
+                                       registry=r)
+        self.request_errors = Counter("prad:request_errors", "Failed requests", ("task", "kind"), registry=r)
+        self.kv_transfer_bytes = Counter("prad:kv_transfer_bytes", "KV bytes handed to decode", ("transport",),
+                                         registry=r)
+        self.kv_transfer_s = Histogram("prad:kv_transfer_latency_seconds", "Handoff send time", ("transport",),
+                                       buckets=LATENCY_BUCKETS_S, registry=r)
+        self.kv_transfer_failures = Counter("prad:kv_transfer_failures", "Failed handoffs", ("transport", "reason"),
+                                            registry=r)
+        self.adapter_cache = Counter("prad:adapter_cache_events", "Adapter cache hits, misses, loads, evictions",
+                                     ("task", "event"), registry=r)
+        self.adapter_swaps = Counter("prad:adapter_hot_swaps", "Active adapter version changes", ("task",),
+                                     registry=r)
+
+    def adapter_event(self, event: str, task: str) -> None:
+        self.adapter_cache.labels(self.task(task), event).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
