@@ -10,7 +10,7 @@ PORT ?= 8000
 ADAPTERS ?= var/adapters
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install serve test lint demo-adapters clean
+.PHONY: install serve test lint demo-adapters bench clean
 
 install: $(STAMP)
 
@@ -45,6 +45,12 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# Decode then prefill throughput on the default model (long: tens of minutes on 2 cores); results,
+# JSON and PNG, go to bench/results/. Pass flags through, e.g. DECODE_ARGS='--dtypes float32'.
+bench: install
+	$(BIN)/python -m bench.decode $(DECODE_ARGS)
+	$(BIN)/python -m bench.prefill $(PREFILL_ARGS)
 
 clean:
 	rm -rf $(VENV)

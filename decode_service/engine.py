@@ -171,12 +171,13 @@ class DecodeEngine(DecodeBackend):
             reason = "length"
         elif job.handoff.deadline_s is not None and time.time() > job.handoff.deadline_s:
             reason = "abort"
+        index = len(seq.output_token_ids) - 1
         if reason is None:
-            job.sink(TokenEvent(seq.request_id, [token], text))
+            job.sink(TokenEvent(seq.request_id, [token], text, first_token_index=index))
             return False
         job.sink(TokenEvent(seq.request_id, [token], text + job.detok.flush(), finish_reason=reason,
                             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=len(seq.output_token_ids),
-                            timings={"decode_s": time.monotonic() - job.arrived_s}))
+                            timings={"decode_s": time.monotonic() - job.arrived_s}, first_token_index=index))
         self._by_id.pop(seq.request_id, None)
         seq.status = self._status_for(reason)
         return True
@@ -190,7 +191,8 @@ class DecodeEngine(DecodeBackend):
         self._by_id.pop(seq.request_id, None)
         seq.payload.sink(TokenEvent(seq.request_id, [], seq.payload.detok.flush(), finish_reason="abort",
                                     num_prompt_tokens=seq.num_prompt_tokens,
-                                    num_output_tokens=len(seq.output_token_ids)))
+                                    num_output_tokens=len(seq.output_token_ids),
+                                    first_token_index=len(seq.output_token_ids)))
 
     def _fail(self, running: list[DecodeSequence], message: str) -> None:
         with self._lock:

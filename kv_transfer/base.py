@@ -22,6 +22,7 @@ class TokenEvent:
     num_prompt_tokens: int = 0  # usage, on the last event
     num_output_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # e.g. queue_s, decode_s, on the last event
+    first_token_index: int = 0  # output index of token_ids[0] (lets at-least-once receivers drop repeats)
 
     @property
     def is_final(self) -> bool:
@@ -29,6 +30,34 @@ class TokenEvent:
 
 
 EventSink = Callable[[TokenEvent], None]
+
+
+class DedupSink:
+    """Passes each output token on exactly once, for transports that may replay a request.
+
+    A decode replica that takes over a request replays it from its first output token; every event
+    says at which output index its tokens start, so repeats are recognised and dropped. Replays are
+    identical because decoding is deterministic (greedy, or seeded per output index).
+    """
+
+    def __init__(self, sink: EventSink) -> None:
+        self.sink = sink
+        self.num_delivered = 0
+        self.is_finished = False
+
+    def __call__(self, event: TokenEvent) -> None:
+        if self.is_finished:
+            return
+        end = event.first_token_index + len(event.token_ids)
+        if event.token_ids and end <= self.num_delivered and not event.is_final:
+            return  # a replayed token
+        skip = max(0, self.num_delivered - event.first_token_index) if event.token_ids else 0
+        if skip:
+            event.token_ids = event.token_ids[skip:]
+            event.text = event.text if event.is_final else ""
+        self.num_delivered = max(self.num_delivered, end)
+        self.is_finished = event.is_final
+        self.sink(event)
 
 
 class KVSender(abc.ABC):

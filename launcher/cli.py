@@ -26,7 +26,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from launcher.embedded import serve_embedded
+    from launcher.embedded import serve
     from launcher.logs import configure_logging
     from launcher.settings import ServeSettings
 
@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
     _set_threads(settings.threads)
-    serve_embedded(settings)
+    serve(settings)
     return 0
 
 
@@ -99,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("max-batch-size", "max-seq-len", "max-kv-tokens", "max-prefill-tokens", "max-waiting",
                  "max-loaded-adapters"):
         serve.add_argument(f"--{flag}", type=int, default=None)
+    serve.add_argument("--role", default=None, choices=["all", "prefill", "decode"])
+    serve.add_argument("--transport", default=None, choices=["inproc", "grpc", "redis"])
+    serve.add_argument("--grpc-host", default=None, help="decode: gRPC bind address")
+    serve.add_argument("--grpc-port", type=int, default=None, help="decode: gRPC port")
+    serve.add_argument("--decode-addr", default=None, help="prefill: decode gRPC address host:port")
+    serve.add_argument("--grpc-secret", default=None, help="shared secret header (or PRAD_GRPC_SECRET)")
+    for flag in ("grpc-tls-cert", "grpc-tls-key", "grpc-tls-ca"):
+        serve.add_argument(f"--{flag}", default=None)
+    serve.add_argument("--redis-url", default=None, help="redis://[:password@]host:port/db or rediss://")
+    serve.add_argument("--redis-prefix", default=None)
+    serve.add_argument("--kv-ttl-s", type=float, default=None)
+    serve.add_argument("--claim-idle-s", type=float, default=None)
+    serve.add_argument("--replica-name", default=None)
     serve.add_argument("--max-task-labels", type=int, default=None, help="per-task metric labels before 'other'")
     serve.add_argument("--request-timeout-s", type=float, default=None)
     serve.add_argument("--api-key", default=None, help="bearer token required on /v1/* (or PRAD_API_KEY)")

@@ -12,6 +12,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PRAD_", extra="forbid")
 
+    role: Literal["all", "prefill", "decode"] = "all"
+    transport: Literal["inproc", "grpc", "redis"] = "inproc"
+    grpc_host: str = Field(default="127.0.0.1", description="decode role: gRPC bind address")
+    grpc_port: int = Field(default=50051, ge=0, le=65535, description="decode role: gRPC port")
+    decode_addr: str = Field(default="127.0.0.1:50051", description="prefill role: the decode gRPC address")
+    grpc_secret: str | None = Field(default=None, description="shared secret sent as x-prad-secret")
+    grpc_tls_cert: str | None = None
+    grpc_tls_key: str | None = None
+    grpc_tls_ca: str | None = None
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="redis:// or rediss:// (password in URL)")
+    redis_prefix: str = Field(default="prad:", description="key prefix shared by one deployment")
+    kv_ttl_s: float = Field(default=600.0, gt=0, description="Redis: KV blobs expire after this")
+    claim_idle_s: float = Field(default=5.0, gt=0, description="Redis: jobs idle this long are taken over")
+    replica_name: str | None = Field(default=None, description="Redis consumer name (default host-pid)")
     model: str | None = Field(default=None, description="local HF model dir; default: SmolLM2-135M-Instruct")
     adapters: Path | None = Field(default=None, description="folder of task adapters (one sub-folder per task)")
     host: str = "127.0.0.1"

@@ -1,0 +1,197 @@
+"""Helpers shared by the benchmarks: threads, machine info, models, adapters, prompts, timing, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from prad.adapters import Adapter, AdapterConfig
+from prad.adapters.io import init_tensors
+from prad.loading import LoadedModel, load_model
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def setup_threads() -> int:
+    """Use every core this process may run on (the benchmarks assume nothing else heavy is running)."""
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        print(f"warning: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')!r}, expected PASSIVE", file=sys.stderr)
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cores)
+    return cores
+
+
+def parse_ints(text: str) -> list[int]:
+    """'1,8,32' -> [1, 8, 32]."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_dtypes(text: str) -> list[str]:
+    """'float32,bf16' -> ['float32', 'bfloat16']; raises on an unknown name."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in DTYPE_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dtype(s) {unknown}; use float32 and/or bfloat16")
+    return [DTYPE_NAMES[n] for n in names]
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_dtypes: str) -> None:
+    parser.add_argument("--dtypes", type=parse_dtypes, default=parse_dtypes(default_dtypes),
+                        help=f"comma-separated model dtypes (default {default_dtypes})")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats per measurement; the median is reported (default 3)")
+    parser.add_argument("--rank", type=int, default=8, help="adapter rank, bottleneck width or LoRA rank (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for prompts and adapter weights (default 0)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD flags that decide fp32/bf16 matmul speed, as /proc/cpuinfo lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FLAGS_OF_INTEREST if f in present]
+    except OSError:
+        pass
+    return []
+
+
+def machine_info(dtypes: Sequence[str]) -> dict[str, Any]:
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "dtypes": list(dtypes),
+        "load_average_start": list(os.getloadavg()),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def load(dtype: str) -> LoadedModel:
+    """The default model on CPU in `dtype` (cached after its first conversion)."""
+    return load_model(None, "cpu", dtype)
+
+
+def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """`count` prompts of `length` random token ids (ids below 100, mostly special tokens, avoided)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab_size, (count, length), generator=gen).tolist()
+
+
+def make_adapter(loaded: LoadedModel, variant: str, rank: int, seed: int) -> Adapter:
+    """A random, non-identity adapter on the model's device and dtype, as the adapter cache would hold it."""
+    config = AdapterConfig(variant=variant, rank=rank, base_model_fingerprint=loaded.fingerprint)
+    tensors = init_tensors(config, loaded.config, seed, up_std=0.05)
+    model = loaded.model
+    return Adapter(config, tensors, f"bench-{variant}-{seed}").to(model.device, model.dtype)
+
+
+def time_call(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+MATMUL_LAYOUTS = ("row_major", "weight")
+
+
+def matmul_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype, layout: str,
+                       min_seconds: float = 0.2) -> float:
+    """FLOP/s of one timed loop of plain torch.matmul [rows, inner] x [inner, cols] (2*rows*inner*cols each).
+
+    layout "row_major": the right operand is a contiguous [inner, cols] tensor; "weight": it is the
+    transposed view of a contiguous [cols, inner] tensor, the `[out, in]` layout the model's weights
+    use (on some CPUs bf16 matmul is an order of magnitude faster in one layout than the other).
+    """
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, inner, generator=gen).to(dtype)
+    if layout == "row_major":
+        b = torch.randn(inner, cols, generator=gen).to(dtype)
+    else:
+        b = torch.randn(cols, inner, generator=gen).to(dtype).t()
+    flops = 2.0 * rows * inner * cols
+    for _ in range(2):
+        torch.matmul(a, b)
+    per_call = time_call(lambda: torch.matmul(a, b))
+    calls = max(3, int(min_seconds / max(per_call, 1e-7)))
+
+    def loop() -> None:
+        for _ in range(calls):
+            torch.matmul(a, b)
+
+    return calls * flops / time_call(loop)
+
+
+def best_matmul_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype) -> dict[str, float]:
+    """The rate in each layout, and "best": the faster one, the fair reference for the model's speed."""
+    rates = {layout: matmul_flops_per_s(rows, inner, cols, dtype, layout) for layout in MATMUL_LAYOUTS}
+    rates["best"] = max(rates.values())
+    return rates
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain fixed-width table; floats are printed with 3 significant decimals where useful."""
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
+        return str(v)
+
+    body = [[cell(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line, sep, *("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in body)])
+
+
+def write_json(out_dir: Path, name: str, payload: dict[str, Any]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload["machine"]["load_average_end"] = list(os.getloadavg())
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot on the non-interactive Agg backend (imported only when a plot is written)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,308 @@
+"""Decode throughput: tokens/s of `DecodeRunner.decode` at several batch sizes, base vs 64-task KV.
+
+What is measured, per dtype (`--dtypes`) and batch size B (`--batches`):
+
+* (a) base: every row's KV comes from a base-model prefill (`PrefillRunner`, no adapter) of a
+  `--context`-token prompt (default 128); (b) tasks: the same prompts prefilled with `--tasks`
+  (default 64) different random PrAd-PA adapters, row i using task i mod tasks.
+  The KV is inserted into a `DecodeRunner` slot cache (as the decode engine does), then `--steps`
+  decode steps are timed: each step feeds every row's newest token at its position (context + step)
+  and takes the greedy next token from the logits (`runner.decode(...)` + argmax + `.tolist()`,
+  which is what one engine step costs without its Python bookkeeping). Prefill is not timed.
+  tokens/s = B * steps / seconds; the ratio (b)/(a) shows that decode costs the same whatever
+  adapters produced the KV (decode has no adapter code at all).
+* A plain `torch.matmul` FLOP rate, same dtype: [`--ref-rows` (64), d] x [d, intermediate]
+  (576 x 1536 on SmolLM2), plus [B, d] x [d, intermediate] per batch size for context; each the
+  faster of two layouts of the right operand (contiguous, or the transposed `[out, in]` weight
+  layout the model uses), sampled once per repeat between the decode runs.
+* The decode step's achieved FLOP rate as a fraction of that matmul rate. FLOPs counted per step:
+  2 * B * (all linear weights: q|k|v, o, gate|up and down of every layer, plus the LM head) for the
+  projections, plus attention 4 * B * layers * num_heads * head_dim * num_keys (Q.K^T and P.V over
+  the num_keys = position + 1 keys each row attends). Not counted: embedding lookup, norms, RoPE,
+  SiLU, softmax, the KV write and the argmax (all O(B * d) or smaller).
+
+Every measurement is repeated `--repeats` times (conditions interleaved, order alternating) and the
+median is reported. Writes decode.json and decode.png to `--out` (default bench/results/).
+
+Run from the repo root: `python -m bench.decode` (full run) or, for a smoke run,
+`python -m bench.decode --batches 1,8 --steps 4 --repeats 1 --context 32 --tasks 8 --dtypes float32`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from bench.common import (
+    add_common_args,
+    best_matmul_flops_per_s,
+    format_table,
+    load,
+    machine_info,
+    make_adapter,
+    median,
+    parse_ints,
+    pyplot,
+    random_prompts,
+    setup_threads,
+    time_call,
+    write_json,
+)
+from decode_service.runner import DecodeRunner
+from prad.adapters import Adapter
+from prad.config import ModelConfig
+from prad.loading import LoadedModel
+from prefill_service.runner import ChunkInput, ChunkOutput, PrefillRunner
+
+CONDITIONS = ("base", "tasks")
+FLOP_COUNT = ("per step: 2*B*(linear weight count: qkv, o, gate|up, down of every layer + lm_head) "
+              "+ attention 4*B*layers*num_heads*head_dim*num_keys (num_keys = position+1); "
+              "embedding, norms, RoPE, SiLU, softmax, KV write, argmax not counted")
+
+
+@dataclass
+class DecodeState:
+    """One condition's decode runner, with rows [0, max_batch) already holding their prompt KV."""
+
+    runner: DecodeRunner
+    first_tokens: list[int]  # per row: the token sampled (greedily) from the prefill logits
+
+
+@dataclass
+class BatchResult:
+    dtype: str
+    batch: int
+    steps: int
+    context: int
+    tokens_per_s: dict[str, float]  # condition -> median tokens/s
+    tokens_per_s_runs: dict[str, list[float]] = field(default_factory=dict)
+    tasks_over_base: float = 0.0
+    flops_per_step: float = 0.0  # mean over the timed steps
+    achieved_flops_per_s: float = 0.0  # base condition
+    matmul_ref_flops_per_s: float = 0.0  # [ref_rows, d] x [d, I]
+    matmul_same_rows_flops_per_s: float = 0.0  # [B, d] x [d, I]
+    fraction_of_matmul_ref: float = 0.0
+    fraction_of_matmul_same_rows: float = 0.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--batches", type=parse_ints, default=parse_ints("1,8,32,64"),
+                        help="comma-separated batch sizes (default 1,8,32,64)")
+    parser.add_argument("--context", type=int, default=128,
+                        help="KV positions each row holds before decoding (default 128)")
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per measurement (default 32)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed decode steps per batch and condition (default 3)")
+    parser.add_argument("--tasks", type=int, default=64,
+                        help="distinct PrAd-PA tasks for the adapted prefill (default 64)")
+    parser.add_argument("--ref-rows", type=int, default=64,
+                        help="rows of the reference matmul [rows, d] x [d, I] (default 64)")
+    parser.add_argument("--max-prefill-tokens", type=int, default=4096,
+                        help="token budget per prefill call when building the KV, not timed (default 4096)")
+    add_common_args(parser, default_dtypes="float32,bfloat16")
+    return parser.parse_args(argv)
+
+
+def linear_weight_count(config: ModelConfig) -> int:
+    """Weights multiplied once per token: every layer's projections plus the LM head."""
+    d, inter = config.hidden_size, config.intermediate_size
+    qkv = (config.q_size + 2 * config.kv_size) * d
+    mlp_in = (2 if config.family == "llama" else 1) * inter * d
+    per_layer = qkv + config.q_size * d + mlp_in + d * inter
+    return config.num_layers * per_layer + config.vocab_size * d
+
+
+def step_flops(config: ModelConfig, batch: int, num_keys: int) -> float:
+    """FLOPs of one decode step of `batch` rows that each attend `num_keys` keys (see FLOP_COUNT)."""
+    projections = 2.0 * batch * linear_weight_count(config)
+    attention = 4.0 * batch * config.num_layers * config.num_heads * config.head_dim * num_keys
+    return projections + attention
+
+
+def mean_step_flops(config: ModelConfig, batch: int, context: int, steps: int) -> float:
+    return sum(step_flops(config, batch, context + s + 1) for s in range(steps)) / steps
+
+
+def prefill_in_batches(runner: PrefillRunner, prompts: list[list[int]], adapters: list[Adapter | None],
+                       budget: int, desc: str) -> list[ChunkOutput]:
+    """Prefill every prompt (whole, from position 0) in consecutive batches of at most `budget` tokens."""
+    rows_per_call = max(1, budget // max(len(p) for p in prompts))
+    outputs: list[ChunkOutput] = []
+    for start in tqdm(range(0, len(prompts), rows_per_call), desc=desc, unit="call", leave=False):
+        chunk = [ChunkInput(prompts[i], 0, adapters[i], None)
+                 for i in range(start, min(len(prompts), start + rows_per_call))]
+        outputs.extend(runner.run(chunk))
+    return outputs
+
+
+def build_state(loaded: LoadedModel, outputs: list[ChunkOutput], capacity: int) -> DecodeState:
+    """A DecodeRunner sized for all rows (capacity grown in its usual steps), each row's prefill KV inserted."""
+    runner = DecodeRunner(loaded.model, max_batch_size=len(outputs),
+                          max_seq_len=loaded.config.max_position_embeddings)
+    runner.ensure_capacity(capacity)
+    for row, out in enumerate(outputs):
+        runner.insert(row, out.kv)
+    return DecodeState(runner, [int(out.logits.argmax()) for out in outputs])
+
+
+def decode_steps(state: DecodeState, batch: int, context: int, steps: int) -> None:
+    """`steps` greedy decode steps for rows [0, batch), starting at position `context` (KV is overwritten)."""
+    tokens = state.first_tokens[:batch]
+    for s in range(steps):
+        logits = state.runner.decode(tokens, [context + s] * batch)
+        tokens = logits.argmax(dim=-1).tolist()
+
+
+def prepare_states(loaded: LoadedModel, args: argparse.Namespace) -> dict[str, DecodeState]:
+    """Prefill the prompts twice (base, then one adapter per task) and load each into its own runner."""
+    rows = max(args.batches)
+    prompts = random_prompts(rows, args.context, loaded.config.vocab_size, args.seed)
+    adapters = [make_adapter(loaded, "prad-pa", args.rank, args.seed + t) for t in range(args.tasks)]
+    row_adapters: dict[str, list[Adapter | None]] = {
+        "base": [None] * rows,
+        "tasks": [adapters[i % args.tasks] for i in range(rows)],
+    }
+    prefill = PrefillRunner(loaded.model)
+    capacity = args.context + max(args.steps, args.warmup)
+    states = {}
+    for cond in CONDITIONS:
+        outputs = prefill_in_batches(prefill, prompts, row_adapters[cond], args.max_prefill_tokens,
+                                     desc=f"prefill KV ({cond})")
+        states[cond] = build_state(loaded, outputs, capacity)
+    return states
+
+
+@dataclass
+class Runs:
+    """Raw per-repeat measurements of one dtype."""
+
+    tokens_per_s: dict[int, dict[str, list[float]]]  # batch -> condition -> per repeat
+    matmul_ref: list[dict[str, float]] = field(default_factory=list)  # per repeat, per layout
+    matmul_same_rows: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # batch -> per repeat
+
+
+def measure_references(runs: Runs, config: ModelConfig, dtype: torch.dtype, args: argparse.Namespace) -> None:
+    """One matmul-rate sample for the reference shape and for each batch's [B, d] x [d, I]."""
+    d, inter = config.hidden_size, config.intermediate_size
+    runs.matmul_ref.append(best_matmul_flops_per_s(args.ref_rows, d, inter, dtype))
+    for batch in args.batches:
+        runs.matmul_same_rows.setdefault(batch, []).append(best_matmul_flops_per_s(batch, d, inter, dtype))
+
+
+def time_decode(states: dict[str, DecodeState], config: ModelConfig, dtype: torch.dtype,
+                args: argparse.Namespace) -> Runs:
+    """`repeats` rounds; each measures the matmul references, then every batch and condition (order alternating)."""
+    for batch in args.batches:
+        for cond in CONDITIONS:
+            decode_steps(states[cond], batch, args.context, args.warmup)
+    runs = Runs({b: {c: [] for c in CONDITIONS} for b in args.batches})
+    total = args.repeats * len(args.batches) * len(CONDITIONS)
+    with tqdm(total=total, desc=f"decode {dtype}", unit="run") as bar:
+        for rep in range(args.repeats):
+            measure_references(runs, config, dtype, args)
+            order = CONDITIONS if rep % 2 == 0 else CONDITIONS[::-1]
+            for batch in args.batches:
+                for cond in order:
+                    seconds = time_call(lambda c=cond, b=batch: decode_steps(states[c], b, args.context, args.steps))
+                    runs.tokens_per_s[batch][cond].append(batch * args.steps / seconds)
+                    bar.update()
+    return runs
+
+
+def median_best(samples: list[dict[str, float]]) -> float:
+    return median([s["best"] for s in samples])
+
+
+def summarise(runs: Runs, config: ModelConfig, dtype: str, args: argparse.Namespace) -> list[BatchResult]:
+    ref = median_best(runs.matmul_ref)
+    results = []
+    for batch in args.batches:
+        tps = {c: median(runs.tokens_per_s[batch][c]) for c in CONDITIONS}
+        flops = mean_step_flops(config, batch, args.context, args.steps)
+        achieved = flops * tps["base"] / batch
+        same_rows = median_best(runs.matmul_same_rows[batch])
+        results.append(BatchResult(
+            dtype=dtype, batch=batch, steps=args.steps, context=args.context, tokens_per_s=tps,
+            tokens_per_s_runs=runs.tokens_per_s[batch], tasks_over_base=tps["tasks"] / tps["base"],
+            flops_per_step=flops, achieved_flops_per_s=achieved, matmul_ref_flops_per_s=ref,
+            matmul_same_rows_flops_per_s=same_rows, fraction_of_matmul_ref=achieved / ref,
+            fraction_of_matmul_same_rows=achieved / same_rows))
+    return results
+
+
+def measure_dtype(dtype: str, args: argparse.Namespace) -> tuple[list[BatchResult], dict[str, Any]]:
+    loaded = load(dtype)
+    config = loaded.config
+    states = prepare_states(loaded, args)
+    runs = time_decode(states, config, loaded.model.dtype, args)
+    reference = {"shape": [args.ref_rows, config.hidden_size, config.intermediate_size],
+                 "samples": runs.matmul_ref,
+                 "same_rows_samples": {str(b): v for b, v in runs.matmul_same_rows.items()},
+                 "linear_weight_count": linear_weight_count(config)}
+    return summarise(runs, config, dtype, args), reference
+
+
+def print_report(results: list[BatchResult], ref_rows: int) -> None:
+    headers = ["dtype", "batch", "base tok/s", "tasks tok/s", "tasks/base", "step ms", "GFLOP/s",
+               f"matmul{ref_rows} GFLOP/s", f"frac of mm{ref_rows}", "frac of mmB"]
+    rows = [[r.dtype, r.batch, r.tokens_per_s["base"], r.tokens_per_s["tasks"], r.tasks_over_base,
+             1000.0 * r.batch / r.tokens_per_s["base"], r.achieved_flops_per_s / 1e9,
+             r.matmul_ref_flops_per_s / 1e9, r.fraction_of_matmul_ref, r.fraction_of_matmul_same_rows]
+            for r in results]
+    print(format_table(headers, rows))
+    print("targets: tasks/base >= 0.99; fraction of the matmul rate at batch 64 >= 0.5")
+    print(f"FLOPs counted {FLOP_COUNT}")
+
+
+def plot(results: list[BatchResult], path: Path, ref_rows: int, tasks: int) -> None:
+    plt = pyplot()
+    fig, (ax_tps, ax_frac) = plt.subplots(1, 2, figsize=(11, 4.2))
+    batches = sorted({r.batch for r in results})
+    for dtype in dict.fromkeys(r.dtype for r in results):
+        rs = [r for r in results if r.dtype == dtype]
+        xs = [r.batch for r in rs]
+        ax_tps.plot(xs, [r.tokens_per_s["base"] for r in rs], "o-", label=f"{dtype} base")
+        ax_tps.plot(xs, [r.tokens_per_s["tasks"] for r in rs], "x--", label=f"{dtype} {tasks}-task KV")
+        ax_frac.plot(xs, [r.fraction_of_matmul_ref for r in rs], "o-", label=f"{dtype} vs matmul{ref_rows}")
+    ax_tps.set(xlabel="batch", ylabel="decode tokens/s", title="decode throughput (median)")
+    ax_frac.axhline(0.5, color="grey", linestyle=":", label="target 0.5")
+    ax_frac.set(xlabel="batch", ylabel="achieved / matmul FLOP/s", title="decode FLOP efficiency (base)")
+    for ax in (ax_tps, ax_frac):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_threads()
+    machine = machine_info(args.dtypes)
+    results: list[BatchResult] = []
+    references: dict[str, Any] = {}
+    for dtype in args.dtypes:
+        dtype_results, references[dtype] = measure_dtype(dtype, args)
+        results.extend(dtype_results)
+    print_report(results, args.ref_rows)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    payload = {"benchmark": "decode", "settings": settings, "machine": machine, "flop_count": FLOP_COUNT,
+               "matmul_reference": references, "results": [asdict(r) for r in results]}
+    json_path = write_json(args.out, "decode", payload)
+    png_path = args.out / "decode.png"
+    plot(results, png_path, args.ref_rows, args.tasks)
+    print(f"wrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()

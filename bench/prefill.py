@@ -1,0 +1,225 @@
+"""Prefill throughput: prompt tokens/s of `PrefillRunner.run` for one batch spread over many PrAd tasks.
+
+What is measured, per dtype (`--dtypes`, default float32): `--prompts` (64) random prompts of
+`--prompt-len` (64) tokens, prefilled from position 0 by `PrefillRunner.run` on the whole batch, or on
+consecutive sub-batches of at most `--max-prefill-tokens` (4096) prompt tokens (the scheduler's budget).
+Conditions, one row each:
+
+* base: no adapter on any row (the runner passes no hooks at all);
+* prad-pa xT for T in `--tasks` (1, 8, 16, 64): T distinct random PrAd-PA adapters of rank `--rank`
+  (8), row i using task i mod T. T = 1 takes the shared-weights path, T > 1 the stacked-bank gather;
+* mixed xT (T = the largest of --tasks): task t is prad-pa, prad-sa or prad-lora (targets q, v) for
+  t mod 3 = 0, 1, 2, of rank `--rank` for even t and 2 * rank for odd t (so ranks are zero-padded).
+
+Adapters are random and non-identity (init_tensors with up_std 0.05), in the model's dtype, as the
+adapter cache holds them. tokens/s = prompt tokens / wall seconds of all `run` calls of the batch
+(building the padded batch, the per-row adapter hooks, the forward, extracting each row's KV).
+Every condition is warmed up on `--warmup-rows` (8) prompts, then timed `--repeats` (3) times with
+conditions interleaved; the median is reported, as a ratio to the 1-task run (target at 64 tasks:
+>= 0.85) and to the base model. Writes prefill.json and prefill.png to `--out` (default bench/results/).
+
+Run from the repo root: `python -m bench.prefill` (full run) or, for a smoke run,
+`python -m bench.prefill --prompts 8 --prompt-len 16 --tasks 1,8 --repeats 1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench.common import (
+    add_common_args,
+    format_table,
+    load,
+    machine_info,
+    make_adapter,
+    median,
+    parse_ints,
+    pyplot,
+    random_prompts,
+    setup_threads,
+    time_call,
+    write_json,
+)
+from prad.adapters import Adapter
+from prad.loading import LoadedModel
+from prefill_service.runner import ChunkInput, PrefillRunner
+
+MIXED_VARIANTS = ("prad-pa", "prad-sa", "prad-lora")
+
+
+@dataclass
+class Condition:
+    """One benchmarked batch: which adapter each row uses."""
+
+    name: str
+    num_tasks: int  # distinct adapters (0 = base model)
+    variants: str  # e.g. "prad-pa" or "prad-pa,prad-sa,prad-lora"
+    row_adapters: list[Adapter | None]
+
+
+@dataclass
+class ConditionResult:
+    dtype: str
+    name: str
+    num_tasks: int
+    variants: str
+    tokens: int  # prompt tokens per run
+    calls: int  # PrefillRunner.run calls per run (sub-batches under the token budget)
+    tokens_per_s: float  # median
+    tokens_per_s_runs: list[float]
+    vs_one_task: float | None
+    vs_base: float | None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--prompts", type=int, default=64, help="prompts in the batch (default 64)")
+    parser.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt (default 64)")
+    parser.add_argument("--tasks", type=parse_ints, default=parse_ints("1,8,16,64"),
+                        help="comma-separated task counts for the prad-pa rows (default 1,8,16,64)")
+    parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-variant row")
+    parser.add_argument("--max-prefill-tokens", type=int, default=4096,
+                        help="prompt tokens per PrefillRunner.run call (default 4096: one call for 64x64)")
+    parser.add_argument("--warmup-rows", type=int, default=8,
+                        help="prompts in each condition's untimed warm-up (default 8)")
+    add_common_args(parser, default_dtypes="float32")
+    return parser.parse_args(argv)
+
+
+def split_by_budget(prompts: list[list[int]], budget: int) -> list[range]:
+    """Consecutive row ranges whose prompt tokens sum to at most `budget` (a longer prompt goes alone)."""
+    groups: list[range] = []
+    start, used = 0, 0
+    for i, p in enumerate(prompts):
+        if i > start and used + len(p) > budget:
+            groups.append(range(start, i))
+            start, used = i, 0
+        used += len(p)
+    groups.append(range(start, len(prompts)))
+    return groups
+
+
+def build_conditions(loaded: LoadedModel, args: argparse.Namespace) -> list[Condition]:
+    rows, most = args.prompts, max(args.tasks)
+    pa = [make_adapter(loaded, "prad-pa", args.rank, args.seed + t) for t in range(most)]
+    conditions = [Condition("base", 0, "-", [None] * rows)]
+    for t in args.tasks:
+        conditions.append(Condition(f"prad-pa x{t}", t, "prad-pa", [pa[i % t] for i in range(rows)]))
+    if not args.no_mixed:
+        mixed = [make_adapter(loaded, MIXED_VARIANTS[t % 3], args.rank * (1 + t % 2), args.seed + 1000 + t)
+                 for t in range(most)]
+        conditions.append(Condition(f"mixed x{most}", most, ",".join(MIXED_VARIANTS),
+                                    [mixed[i % most] for i in range(rows)]))
+    return conditions
+
+
+def prefill_batch(runner: PrefillRunner, prompts: list[list[int]], adapters: list[Adapter | None],
+                  groups: list[range]) -> None:
+    """Prefill every prompt from position 0, one `run` call per group of rows."""
+    for group in groups:
+        runner.run([ChunkInput(prompts[i], 0, adapters[i], None) for i in group])
+
+
+def time_conditions(runner: PrefillRunner, prompts: list[list[int]], conditions: list[Condition],
+                    groups: list[range], args: argparse.Namespace, dtype: str) -> dict[str, list[float]]:
+    """tokens/s per condition, `repeats` runs each, conditions interleaved (order alternating)."""
+    tokens = sum(len(p) for p in prompts)
+    warm = [range(min(args.warmup_rows, len(prompts)))]
+    for c in tqdm(conditions, desc=f"warm-up {dtype}", unit="cond", leave=False):
+        prefill_batch(runner, prompts, c.row_adapters, warm)
+    runs: dict[str, list[float]] = {c.name: [] for c in conditions}
+    with tqdm(total=args.repeats * len(conditions), desc=f"prefill {dtype}", unit="run") as bar:
+        for rep in range(args.repeats):
+            for c in conditions if rep % 2 == 0 else conditions[::-1]:
+                seconds = time_call(lambda c=c: prefill_batch(runner, prompts, c.row_adapters, groups))
+                runs[c.name].append(tokens / seconds)
+                bar.update()
+    return runs
+
+
+def summarise(conditions: list[Condition], runs: dict[str, list[float]], dtype: str, tokens: int,
+              calls: int) -> list[ConditionResult]:
+    medians = {c.name: median(runs[c.name]) for c in conditions}
+    one_task = next((medians[c.name] for c in conditions if c.num_tasks == 1 and c.variants == "prad-pa"), None)
+    base = medians.get("base")
+    return [ConditionResult(
+        dtype=dtype, name=c.name, num_tasks=c.num_tasks, variants=c.variants, tokens=tokens, calls=calls,
+        tokens_per_s=medians[c.name], tokens_per_s_runs=runs[c.name],
+        vs_one_task=None if one_task is None else medians[c.name] / one_task,
+        vs_base=None if base is None else medians[c.name] / base) for c in conditions]
+
+
+def measure_dtype(dtype: str, args: argparse.Namespace) -> list[ConditionResult]:
+    loaded = load(dtype)
+    prompts = random_prompts(args.prompts, args.prompt_len, loaded.config.vocab_size, args.seed)
+    groups = split_by_budget(prompts, args.max_prefill_tokens)
+    conditions = build_conditions(loaded, args)
+    runs = time_conditions(PrefillRunner(loaded.model), prompts, conditions, groups, args, dtype)
+    return summarise(conditions, runs, dtype, sum(len(p) for p in prompts), len(groups))
+
+
+def print_report(results: list[ConditionResult]) -> None:
+    headers = ["dtype", "condition", "tasks", "calls", "tokens/s", "ms/batch", "vs 1-task", "vs base"]
+
+    def ratio(v: float | None) -> object:
+        return "-" if v is None else v
+
+    rows = [[r.dtype, r.name, r.num_tasks, r.calls, r.tokens_per_s, 1000.0 * r.tokens / r.tokens_per_s,
+             ratio(r.vs_one_task), ratio(r.vs_base)] for r in results]
+    print(format_table(headers, rows))
+    print("target: vs 1-task >= 0.85 at 64 tasks")
+
+
+def bar_color(result: ConditionResult) -> str:
+    if result.num_tasks == 0:
+        return "tab:gray"
+    return "tab:blue" if result.variants == "prad-pa" else "tab:orange"
+
+
+def plot(results: list[ConditionResult], path: Path) -> None:
+    plt = pyplot()
+    dtypes = list(dict.fromkeys(r.dtype for r in results))
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4.4), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
+        rs = [r for r in results if r.dtype == dtype]
+        colors = [bar_color(r) for r in rs]
+        bars = ax.bar([r.name for r in rs], [r.tokens_per_s for r in rs], color=colors)
+        for bar, r in zip(bars, rs, strict=True):
+            label = "1-task ref" if r.vs_one_task is None else f"{r.vs_one_task:.2f}x"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=8)
+        one_task = next((r.tokens_per_s for r in rs if r.num_tasks == 1 and r.variants == "prad-pa"), None)
+        if one_task is not None:
+            ax.axhline(0.85 * one_task, color="grey", linestyle=":", label="0.85 x 1-task (target)")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set(ylabel="prompt tokens/s", title=f"prefill {dtype} (median; labels: vs 1-task)")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_threads()
+    machine = machine_info(args.dtypes)
+    results: list[ConditionResult] = []
+    for dtype in args.dtypes:
+        results.extend(measure_dtype(dtype, args))
+    print_report(results)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    payload = {"benchmark": "prefill", "settings": settings, "machine": machine,
+               "results": [asdict(r) for r in results]}
+    json_path = write_json(args.out, "prefill", payload)
+    png_path = args.out / "prefill.png"
+    plot(results, png_path)
+    print(f"wrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""gRPC sender on the prefill side: streams the handoff to decode and relays its tokens.
+
+One aio channel on a private event-loop thread serves every request; `send()` returns at once and
+events arrive on the request's sink. Failures become error events with an HTTP status for the front
+door: decode unreachable 503, deadline passed 504, refused handoff 502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+
+from kv_transfer.base import EventSink, KVSender, TokenEvent
+from kv_transfer.grpc_server import MAX_MESSAGE_BYTES, SECRET_HEADER, TLSFiles
+from kv_transfer.handoff import KVHandoff
+from kv_transfer.protos import kv_handoff_pb2 as pb
+from kv_transfer.protos import kv_handoff_pb2_grpc as pb_grpc
+from kv_transfer.wire import chunks, encode_handoff, event_from_proto
+
+_STATUS_FOR = {grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+               grpc.StatusCode.UNAUTHENTICATED: 502, grpc.StatusCode.RESOURCE_EXHAUSTED: 429}
+
+
+class GrpcSender(KVSender):
+    transport_name = "grpc"
+
+    def __init__(self, address: str, secret: str | None = None, tls: TLSFiles | None = None,
+                 timeout_s: float = 300.0) -> None:
+        self.address = address
+        self.secret = secret
+        self.tls = tls
+        self.timeout_s = timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-client", daemon=True)
+        self._thread.start()
+        self._calls: dict[str, grpc.aio.StreamStreamCall] = {}
+        self._channel = asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(timeout=30)
+        self._stub = pb_grpc.DecodeServiceStub(self._channel)
+
+    async def _open(self) -> grpc.aio.Channel:
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if self.tls and self.tls.ca:
+            with open(self.tls.ca, "rb") as f:
+                creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+            return grpc.aio.secure_channel(self.address, creds, options=options)
+        return grpc.aio.insecure_channel(self.address, options=options)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((SECRET_HEADER, self.secret),) if self.secret else ()
+
+    def send(self, handoff: KVHandoff, sink: EventSink) -> None:
+        header, data = encode_handoff(handoff)  # CPU work stays on the caller's thread
+        timeout = self.timeout_s if handoff.deadline_s is None else max(handoff.deadline_s - time.time(), 0.1)
+        asyncio.run_coroutine_threadsafe(self._run(handoff.request_id, header, data, timeout, sink), self._loop)
+
+    async def _run(self, request_id: str, header: bytes, data: bytes, timeout: float, sink: EventSink) -> None:
+        call = self._stub.Decode(metadata=self._metadata(), timeout=timeout)
+        self._calls[request_id] = call
+        finished = False
+        try:
+            await call.write(pb.DecodeRequest(header=pb.HandoffHeader.FromString(header)))
+            for piece in chunks(data):
+                await call.write(pb.DecodeRequest(chunk=pb.KVChunk(data=bytes(piece))))
+            await call.done_writing()
+            async for msg in call:
+                event = event_from_proto(msg)
+                event.request_id = request_id
+                finished = event.is_final
+                sink(event)
+                if finished:
+                    return
+            sink(_error(request_id, "decode closed the stream before the request finished", 502))
+        except asyncio.CancelledError:
+            pass  # aborted by us: the client is gone
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED and not finished:
+                status = _STATUS_FOR.get(e.code(), 502)
+                sink(_error(request_id, f"decode service unavailable ({e.code().name}): {e.details()}", status))
+        finally:
+            self._calls.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        def cancel() -> None:
+            call = self._calls.pop(request_id, None)
+            if call is not None:
+                call.cancel()
+
+        self._loop.call_soon_threadsafe(cancel)
+
+    def is_ready(self) -> tuple[bool, str]:
+        async def ping() -> pb.HealthReply:
+            return await self._stub.Health(pb.HealthRequest(), metadata=self._metadata(), timeout=2.0)
+
+        try:
+            asyncio.run_coroutine_threadsafe(ping(), self._loop).result(timeout=3)
+        except Exception as e:
+            detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else repr(e)
+            return False, f"decode at {self.address} unreachable: {detail}"
+        return True, "ok"
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._channel.close(), self._loop).result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+
+def _error(request_id: str, message: str, status: int) -> TokenEvent:
+    return TokenEvent(request_id, [], "", finish_reason="error", error=message, error_status=status)

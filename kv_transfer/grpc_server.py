@@ -1,0 +1,173 @@
+"""gRPC receiver on the decode side: one bidirectional stream per request, KV chunks in, tokens out.
+
+The servicer only converts protobuf <-> dataclasses and delegates to a DecodeBackend. A client that
+cancels (or whose deadline passes) cancels the handler, which aborts the request in decode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from kv_transfer.base import DecodeBackend, TokenEvent
+from kv_transfer.handoff import HandoffError
+from kv_transfer.protos import kv_handoff_pb2 as pb
+from kv_transfer.protos import kv_handoff_pb2_grpc as pb_grpc
+from kv_transfer.wire import event_to_proto, handoff_from_proto, parse_header
+from prad.errors import QueueFullError
+
+log = logging.getLogger(__name__)
+SECRET_HEADER = "x-prad-secret"
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: str | None = None  # server certificate (PEM)
+    key: str | None = None  # server private key (PEM)
+    ca: str | None = None  # CA bundle the client trusts (PEM)
+
+
+def _error(request_id: str, message: str, status: int) -> pb.TokenEvent:
+    return pb.TokenEvent(request_id=request_id, finish_reason="error", error=message, error_status=status)
+
+
+class DecodeServicer(pb_grpc.DecodeServiceServicer):
+    def __init__(self, backend: DecodeBackend, health: Callable[[], pb.HealthReply], secret: str | None) -> None:
+        self.backend = backend
+        self.health = health
+        self.secret = secret
+
+    def _is_authorized(self, context: grpc.aio.ServicerContext) -> bool:
+        if not self.secret:
+            return True
+        given = dict(context.invocation_metadata() or ()).get(SECRET_HEADER, "")
+        return hmac.compare_digest(str(given).encode(), self.secret.encode())
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
+        if not self._is_authorized(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing x-prad-secret")
+        return self.health()
+
+    async def Decode(self, request_iterator: AsyncIterator[pb.DecodeRequest],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenEvent]:
+        if not self._is_authorized(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing x-prad-secret")
+        requests = request_iterator.__aiter__()
+        try:
+            header, data = await _read_handoff(requests)
+        except HandoffError as e:
+            yield _error("", str(e), 502)
+            return
+        if header is None:
+            return  # cancelled before the KV arrived: nothing was admitted
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+        def sink(event: TokenEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        refusal = await loop.run_in_executor(None, self._submit, header, data, sink)
+        if refusal is not None:
+            yield refusal
+            return
+        watcher = asyncio.ensure_future(_watch_cancel(requests, lambda: self.backend.abort(header.request_id)))
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = event.is_final
+                yield event_to_proto(event, event.first_token_index)
+        finally:
+            watcher.cancel()
+            if not finished:
+                self.backend.abort(header.request_id)
+
+    def _submit(self, header: pb.HandoffHeader, data: bytearray, sink: Callable[[TokenEvent], None]) -> \
+            pb.TokenEvent | None:
+        """Admit the handoff; an error event when refused (nothing half-admitted)."""
+        try:
+            self.backend.submit(handoff_from_proto(header, data), sink)
+        except HandoffError as e:
+            return _error(header.request_id, f"decode refused the KV handoff: {e}", 502)
+        except QueueFullError as e:
+            return _error(header.request_id, f"server busy: {e}; retry later", 429)
+        except ValueError as e:
+            return _error(header.request_id, str(e), 400)
+        return None
+
+
+async def _read_handoff(requests: AsyncIterator[pb.DecodeRequest]) -> tuple[pb.HandoffHeader | None, bytearray]:
+    data = bytearray()
+    try:
+        first = await requests.__anext__()
+    except StopAsyncIteration:
+        return None, data
+    if first.WhichOneof("kind") != "header":
+        raise HandoffError("the stream must start with a handoff header")
+    header = parse_header(first.header.SerializeToString())
+    while len(data) < header.num_kv_bytes:
+        try:
+            msg = await requests.__anext__()
+        except StopAsyncIteration:
+            raise HandoffError(f"stream ended after {len(data)} of {header.num_kv_bytes} KV bytes") from None
+        kind = msg.WhichOneof("kind")
+        if kind == "cancel":
+            return None, data
+        if kind != "chunk":
+            raise HandoffError(f"unexpected {kind!r} message while receiving KV")
+        data += msg.chunk.data
+    if len(data) != header.num_kv_bytes:
+        raise HandoffError(f"received {len(data)} KV bytes, header announced {header.num_kv_bytes}")
+    return header, data
+
+
+async def _watch_cancel(requests: AsyncIterator[pb.DecodeRequest], abort: Callable[[], None]) -> None:
+    """A Cancel message from the client aborts the request; the end of its writes does not."""
+    async for msg in requests:
+        if msg.WhichOneof("kind") == "cancel":
+            abort()
+            return
+
+
+class GrpcDecodeServer:
+    """Runs the aio gRPC server on its own event-loop thread."""
+
+    def __init__(self, servicer: DecodeServicer, host: str, port: int, tls: TLSFiles | None = None) -> None:
+        self.servicer = servicer
+        self.address = f"{host}:{port}"
+        self.tls = tls
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-server", daemon=True)
+        self._server: grpc.aio.Server | None = None
+        self.port = port
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+
+    async def _start(self) -> None:
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self._server = grpc.aio.server(options=options)
+        pb_grpc.add_DecodeServiceServicer_to_server(self.servicer, self._server)
+        if self.tls and self.tls.cert and self.tls.key:
+            with open(self.tls.key, "rb") as k, open(self.tls.cert, "rb") as c:
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            self.port = self._server.add_secure_port(self.address, creds)
+        else:
+            self.port = self._server.add_insecure_port(self.address)
+        await self._server.start()
+        log.info("gRPC decode server on %s (port %d)", self.address, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace=2), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)

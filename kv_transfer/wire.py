@@ -1,0 +1,101 @@
+"""KVHandoff <-> bytes: a protobuf header plus the KV as raw tensor bytes (no pickle, ever).
+
+Format version 1. The receiver checks the version, decodes the header, rebuilds the tensor from the
+bytes with the dtype and shape the header declares, and verifies the crc32 before admitting.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kv_transfer.base import TokenEvent
+from kv_transfer.handoff import HandoffError, KVHandoff, KVLayout, kv_checksum
+from kv_transfer.protos import kv_handoff_pb2 as pb
+from prad.sampling import SamplingParams
+
+FORMAT_VERSION = 1
+CHUNK_BYTES = 1 << 20  # KV travels in 1 MiB chunks
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# numpy has no bfloat16: move bf16 bytes as int16 and view them back.
+_CARRIER = {torch.bfloat16: torch.int16}
+
+
+def kv_to_bytes(kv: torch.Tensor) -> bytes:
+    flat = kv.detach().contiguous().cpu()
+    carrier = _CARRIER.get(flat.dtype)
+    if carrier is not None:
+        flat = flat.view(carrier)
+    return flat.numpy().tobytes()
+
+
+def kv_from_bytes(data: bytes | bytearray | memoryview, layout: KVLayout) -> torch.Tensor:
+    dtype = _DTYPES.get(layout.dtype)
+    if dtype is None:
+        raise HandoffError(f"KV dtype {layout.dtype!r} not supported")
+    expected = int(torch.Size(layout.shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+    if len(data) != expected:
+        raise HandoffError(f"KV payload has {len(data)} bytes, layout {list(layout.shape)} {layout.dtype} "
+                           f"needs {expected}")
+    carrier = _CARRIER.get(dtype, dtype)
+    tensor = torch.frombuffer(bytearray(data), dtype=carrier)
+    return tensor.view(dtype).view(layout.shape)
+
+
+def header_to_proto(handoff: KVHandoff, num_kv_bytes: int, checksum: int) -> pb.HandoffHeader:
+    s, lay = handoff.sampling, handoff.layout
+    return pb.HandoffHeader(
+        format_version=FORMAT_VERSION, request_id=handoff.request_id, task=handoff.task,
+        adapter_version=handoff.adapter_version, model_fingerprint=handoff.model_fingerprint,
+        prompt_token_ids=handoff.prompt_token_ids, first_token_id=handoff.first_token_id,
+        sampling=pb.SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                   top_k=s.top_k, seed=s.seed, stop=list(s.stop), ignore_eos=s.ignore_eos),
+        deadline_s=handoff.deadline_s or 0.0,
+        layout=pb.KVLayout(num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
+                           dtype=lay.dtype, length=lay.length),
+        checksum=checksum, num_kv_bytes=num_kv_bytes)
+
+
+def encode_handoff(handoff: KVHandoff) -> tuple[bytes, bytes]:
+    """(header bytes, KV bytes) for the wire; the header carries the KV's crc32."""
+    data = kv_to_bytes(handoff.kv)
+    header = header_to_proto(handoff, len(data), kv_checksum(handoff.kv))
+    return header.SerializeToString(), data
+
+
+def parse_header(raw: bytes) -> pb.HandoffHeader:
+    header = pb.HandoffHeader()
+    try:
+        header.ParseFromString(raw)
+    except Exception as e:  # protobuf raises DecodeError subclasses
+        raise HandoffError(f"malformed handoff header: {e}") from e
+    if header.format_version != FORMAT_VERSION:
+        raise HandoffError(f"handoff format version {header.format_version} unsupported (expected {FORMAT_VERSION})")
+    return header
+
+
+def handoff_from_proto(header: pb.HandoffHeader, kv_bytes: bytes | bytearray) -> KVHandoff:
+    """Rebuild the handoff; its checksum is set so check_handoff verifies the bytes."""
+    lay = header.layout
+    layout = KVLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype, lay.length)
+    s = header.sampling
+    sampling = SamplingParams(s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.seed, tuple(s.stop), s.ignore_eos)
+    return KVHandoff(header.request_id, header.task, header.adapter_version, header.model_fingerprint,
+                     list(header.prompt_token_ids), header.first_token_id, sampling, header.deadline_s or None,
+                     layout, kv_from_bytes(kv_bytes, layout), header.checksum)
+
+
+def event_to_proto(event: TokenEvent, first_token_index: int) -> pb.TokenEvent:
+    return pb.TokenEvent(request_id=event.request_id, token_ids=event.token_ids, text=event.text,
+                         finish_reason=event.finish_reason or "", error=event.error or "",
+                         error_status=event.error_status, num_prompt_tokens=event.num_prompt_tokens,
+                         num_output_tokens=event.num_output_tokens, first_token_index=first_token_index)
+
+
+def event_from_proto(msg: pb.TokenEvent) -> TokenEvent:
+    return TokenEvent(msg.request_id, list(msg.token_ids), msg.text, msg.finish_reason or None, msg.error or None,
+                      msg.error_status or 503, msg.num_prompt_tokens, msg.num_output_tokens)
+
+
+def chunks(data: bytes, size: int = CHUNK_BYTES) -> list[memoryview]:
+    view = memoryview(data)
+    return [view[i:i + size] for i in range(0, len(view), size)] or [view[:0]]

@@ -1,0 +1,197 @@
+"""Wiring roles and transports into running processes.
+
+role=all runs prefill and decode in one process (in-process transport by default, or a real gRPC /
+Redis link for testing and benchmarking it); role=prefill runs the HTTP front door with a sender to
+a remote decode; role=decode runs the decode engine behind a gRPC server or a Redis consumer, with
+its own /healthz, /readyz and /metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+
+from adapters_store.directory import DirectoryStore
+from decode_service.app import create_decode_app
+from decode_service.engine import DecodeConfig, DecodeEngine
+from kv_transfer.base import KVSender
+from kv_transfer.grpc_server import DecodeServicer, GrpcDecodeServer, TLSFiles
+from kv_transfer.inproc import InprocSender
+from kv_transfer.protos import kv_handoff_pb2 as pb
+from launcher.settings import ServeSettings
+from prad.loading import LoadedModel, load_model
+from prad.metrics import Metrics
+from prefill_service.adapter_cache import AdapterCache
+from prefill_service.app import create_app
+from prefill_service.engine import PrefillConfig, PrefillEngine
+from prefill_service.service import PrefillService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Lifecycle:
+    """What a process starts on boot and stops on shutdown, in order, plus its readiness checks."""
+
+    starts: list[Callable[[], None]] = field(default_factory=list)
+    stops: list[Callable[[], None]] = field(default_factory=list)
+    checks: list[Callable[[], dict[str, str]]] = field(default_factory=list)
+
+    def start(self) -> None:
+        for start in self.starts:
+            start()
+
+    def stop(self) -> None:
+        for stop in reversed(self.stops):
+            stop()
+
+    def readiness(self) -> dict[str, str]:
+        problems: dict[str, str] = {}
+        for check in self.checks:
+            problems.update(check())
+        return problems
+
+
+def _max_seq_len(settings: ServeSettings, loaded: LoadedModel) -> int:
+    return min(settings.max_seq_len, loaded.config.max_position_embeddings)
+
+
+def _tls(settings: ServeSettings) -> TLSFiles | None:
+    if not (settings.grpc_tls_cert or settings.grpc_tls_ca):
+        return None
+    return TLSFiles(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_ca)
+
+
+def replica_name(settings: ServeSettings) -> str:
+    return settings.replica_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _decode_engine(settings: ServeSettings, loaded: LoadedModel, lock: AbstractContextManager[object] | None,
+                   metrics: Metrics, life: Lifecycle) -> DecodeEngine:
+    engine = DecodeEngine(loaded, DecodeConfig(settings.max_batch_size, _max_seq_len(settings, loaded),
+                                               settings.kv_budget, settings.max_waiting), lock, metrics)
+    life.starts.append(engine.start)
+    life.stops.append(engine.stop)
+    life.checks.append(lambda: {} if engine.is_alive else {"decode": "decode engine not running"})
+    return engine
+
+
+def _receiver(settings: ServeSettings, engine: DecodeEngine, loaded: LoadedModel, life: Lifecycle) -> None:
+    """Expose a decode engine on the configured transport."""
+    if settings.transport == "grpc":
+        def health() -> pb.HealthReply:
+            stats = engine.stats()
+            return pb.HealthReply(model_fingerprint=loaded.fingerprint, num_running=stats["num_running"],
+                                  num_waiting=stats["num_waiting"])
+
+        server = GrpcDecodeServer(DecodeServicer(engine, health, settings.grpc_secret), settings.grpc_host,
+                                  settings.grpc_port, _tls(settings))
+        life.starts.append(server.start)
+        life.stops.append(server.stop)
+    elif settings.transport == "redis":
+        from kv_transfer.redis_worker import RedisDecodeWorker
+
+        worker = RedisDecodeWorker(engine, settings.redis_url, settings.redis_prefix, replica_name(settings),
+                                   settings.claim_idle_s, settings.kv_ttl_s)
+        life.starts.append(worker.start)
+        life.stops.append(worker.stop)
+        life.checks.append(worker.readiness)
+
+
+def make_sender(settings: ServeSettings) -> KVSender:
+    if settings.transport == "grpc":
+        from kv_transfer.grpc_client import GrpcSender
+
+        return GrpcSender(settings.decode_addr, settings.grpc_secret, _tls(settings), settings.request_timeout_s)
+    if settings.transport == "redis":
+        from kv_transfer.redis_sender import RedisSender
+
+        return RedisSender(settings.redis_url, settings.redis_prefix, settings.kv_ttl_s, settings.request_timeout_s)
+    raise ValueError(f"role {settings.role!r} needs --transport grpc or redis (inproc links only role=all)")
+
+
+def _front_door(settings: ServeSettings, loaded: LoadedModel, sender: KVSender, lock: AbstractContextManager[object]
+                | None, metrics: Metrics, life: Lifecycle) -> FastAPI:
+    prefill = PrefillEngine(loaded, sender, PrefillConfig(settings.max_prefill_tokens, 64, settings.max_waiting),
+                            lock, metrics)
+    cache = AdapterCache(DirectoryStore(settings.adapters), loaded.model, loaded.fingerprint,
+                         settings.max_loaded_adapters, metrics.adapter_event)
+    for task, error in cache.validate_all().items():
+        log.error("task %s will not be served: %s", task, error)
+    service = PrefillService(loaded, cache, prefill, sender, _max_seq_len(settings, loaded),
+                             settings.request_timeout_s, metrics)
+    life.starts.append(prefill.start)
+    life.stops.append(prefill.stop)
+    life.stops.insert(0, sender.close)  # closed last (stops run in reverse)
+    life.checks.append(lambda: {} if prefill.is_alive else {"prefill": "prefill engine not running"})
+    life.checks.append(lambda: _sender_check(sender))
+    app = create_app(service, life.start, life.stop, life.readiness, settings.api_key)
+    app.state.engines = {"prefill": prefill}
+    return app
+
+
+def _sender_check(sender: KVSender) -> dict[str, str]:
+    ok, reason = sender.is_ready()
+    return {} if ok else {"transport": reason}
+
+
+def build_app(settings: ServeSettings, loaded: LoadedModel | None = None) -> FastAPI:
+    """The FastAPI app of this process's role; engines and transports start with its lifespan."""
+    loaded = loaded or load_model(settings.model, settings.device, settings.dtype)
+    metrics = Metrics(settings.max_task_labels)
+    life = Lifecycle()
+    if settings.role == "decode":
+        engine = _decode_engine(settings, loaded, None, metrics, life)
+        if settings.transport == "inproc":
+            raise ValueError("--role decode needs --transport grpc or redis")
+        _receiver(settings, engine, loaded, life)
+        return create_decode_app(metrics, engine.stats, life.readiness, life.start, life.stop)
+    if settings.role == "prefill":
+        return _front_door(settings, loaded, make_sender(settings), None, metrics, life)
+    # role=all: one lock around forward passes so the two engines never oversubscribe the cores.
+    lock = threading.Lock()
+    engine = _decode_engine(settings, loaded, lock, metrics, life)
+    if settings.transport == "inproc":
+        sender: KVSender = InprocSender(engine)
+    else:
+        _receiver(settings, engine, loaded, life)
+        sender = _LazySender(lambda: make_sender(settings))
+    app = _front_door(settings, loaded, sender, lock, metrics, life)
+    app.state.engines["decode"] = engine
+    return app
+
+
+class _LazySender(KVSender):
+    """Connects on first use, so role=all can start its own receiver before its sender dials it."""
+
+    def __init__(self, factory: Callable[[], KVSender]) -> None:
+        self._factory = factory
+        self._sender: KVSender | None = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> KVSender:
+        with self._lock:
+            if self._sender is None:
+                self._sender = self._factory()
+                self.transport_name = self._sender.transport_name
+            return self._sender
+
+    def send(self, handoff, sink) -> None:
+        self._get().send(handoff, sink)
+
+    def abort(self, request_id: str) -> None:
+        self._get().abort(request_id)
+
+    def is_ready(self) -> tuple[bool, str]:
+        return self._get().is_ready()
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
