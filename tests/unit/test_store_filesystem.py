@@ -1,0 +1,226 @@
+"""FilesystemStore: immutable content-hashed versions, one active pointer, rollback, deletion, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from adapters_store import version_files
+from adapters_store.base import (
+    InvalidVersionError,
+    StoreConflictError,
+    StoreCorruptError,
+    UnknownTaskError,
+    UnknownVersionError,
+)
+from adapters_store.filesystem import FilesystemStore
+from prad.adapters.config import AdapterError
+from prad.adapters.io import content_version
+
+CONFIG_A, WEIGHTS_A = b'{"variant": "prad-pa", "n": 1}', b"weights-a" * 10
+CONFIG_B, WEIGHTS_B = b'{"variant": "prad-pa", "n": 2}', b"weights-b" * 20
+CONFIG_C, WEIGHTS_C = b'{"variant": "prad-pa", "n": 3}', b"weights-c"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FilesystemStore:
+    return FilesystemStore(tmp_path / "store")
+
+
+def put_abc(store: FilesystemStore, task: str = "t1") -> tuple[str, str, str]:
+    return (store.put(task, CONFIG_A, WEIGHTS_A), store.put(task, CONFIG_B, WEIGHTS_B),
+            store.put(task, CONFIG_C, WEIGHTS_C))
+
+
+def test_put_returns_content_version_and_does_not_activate(store: FilesystemStore) -> None:
+    version = store.put("t1", CONFIG_A, WEIGHTS_A)
+    assert version == content_version(CONFIG_A, WEIGHTS_A)
+    assert store.known_tasks() == ["t1"]
+    assert store.tasks() == []
+    assert store.active_version("t1") is None
+    with pytest.raises(UnknownTaskError, match="no active adapter version"):
+        store.read("t1")
+    stored = store.read_version("t1", version)
+    assert (stored.config_bytes, stored.weight_bytes, stored.version) == (CONFIG_A, WEIGHTS_A, version)
+
+
+def test_put_is_idempotent(store: FilesystemStore) -> None:
+    first = store.put("t1", CONFIG_A, WEIGHTS_A)
+    created_s = store.versions("t1")[0].created_s
+    assert store.put("t1", CONFIG_A, WEIGHTS_A) == first
+    assert [(v.version, v.created_s) for v in store.versions("t1")] == [(first, created_s)]
+    assert list((store.root / ".tmp").iterdir()) == []  # no staging left behind
+
+
+def test_activate_read_stamp_and_versions(store: FilesystemStore) -> None:
+    a, b, _ = put_abc(store)
+    store.activate("t1", a)
+    assert store.tasks() == ["t1"]
+    assert store.stamp("t1") == a
+    assert store.read("t1").weight_bytes == WEIGHTS_A
+    store.activate("t1", b)
+    assert store.stamp("t1") == b
+    assert store.read("t1").config_bytes == CONFIG_B
+    infos = store.versions("t1")
+    assert [info.version for info in infos] == [a, b, content_version(CONFIG_C, WEIGHTS_C)]  # oldest first
+    assert [info.is_active for info in infos] == [False, True, False]
+    assert infos[1].num_bytes == len(CONFIG_B) + len(WEIGHTS_B)
+
+
+def test_activate_unknown_task_or_version(store: FilesystemStore) -> None:
+    a = store.put("t1", CONFIG_A, WEIGHTS_A)
+    missing = "0123456789abcdef"
+    with pytest.raises(UnknownVersionError, match=f"task 't1' has no version '{missing}'"):
+        store.activate("t1", missing)
+    with pytest.raises(UnknownTaskError, match="unknown task 't2'"):
+        store.activate("t2", a)
+    assert store.active_version("t1") is None
+
+
+def test_rollback_walks_back_through_history(store: FilesystemStore) -> None:
+    a, b, c = put_abc(store)
+    with pytest.raises(StoreConflictError, match="no previously active version"):
+        store.rollback("t1")
+    for version in (a, b, c):
+        store.activate("t1", version)
+    assert store.rollback("t1") == b
+    assert store.rollback("t1") == a
+    with pytest.raises(StoreConflictError, match="'t1'"):
+        store.rollback("t1")
+    assert store.active_version("t1") == a
+
+
+def test_rollback_skips_deleted_versions(store: FilesystemStore) -> None:
+    a, b, c = put_abc(store)
+    for version in (a, b, c):
+        store.activate("t1", version)
+    store.delete_version("t1", b)
+    assert store.rollback("t1") == a
+
+
+def test_activating_the_active_version_is_a_no_op(store: FilesystemStore) -> None:
+    a, b, _ = put_abc(store)
+    store.activate("t1", a)
+    store.activate("t1", b)
+    store.activate("t1", b)
+    assert store.rollback("t1") == a  # not b: the repeat pushed nothing
+
+
+def test_delete_version_refuses_the_active_one(store: FilesystemStore) -> None:
+    a, b, _ = put_abc(store)
+    store.activate("t1", a)
+    with pytest.raises(StoreConflictError, match=f"version '{a}' is active"):
+        store.delete_version("t1", a)
+    assert store.read("t1").version == a
+    store.delete_version("t1", b)
+    assert b not in [info.version for info in store.versions("t1")]
+    with pytest.raises(UnknownVersionError):
+        store.read_version("t1", b)
+    with pytest.raises(UnknownVersionError):
+        store.delete_version("t1", b)
+
+
+def test_delete_task(store: FilesystemStore) -> None:
+    a, _, _ = put_abc(store)
+    store.activate("t1", a)
+    store.put("t2", CONFIG_A, WEIGHTS_A)
+    store.delete_task("t1")
+    assert store.known_tasks() == ["t2"]
+    assert store.tasks() == []
+    with pytest.raises(UnknownTaskError):
+        store.versions("t1")
+    with pytest.raises(UnknownTaskError):
+        store.delete_task("t1")
+    assert store.put("t1", CONFIG_A, WEIGHTS_A) == a  # a task can be created again
+    assert store.active_version("t1") is None
+
+
+@pytest.mark.parametrize("task", ["Bad", "base", "", "../x", "a/b", "x" * 65])
+def test_invalid_task_ids_refused_on_write_and_unknown_on_read(store: FilesystemStore, task: str) -> None:
+    with pytest.raises(AdapterError, match="invalid task id"):
+        store.put(task, CONFIG_A, WEIGHTS_A)
+    with pytest.raises(AdapterError, match="invalid task id"):
+        store.delete_task(task)
+    assert store.active_version(task) is None
+    with pytest.raises(UnknownTaskError):
+        store.read(task)
+    with pytest.raises(UnknownTaskError):
+        store.versions(task)
+
+
+@pytest.mark.parametrize("version", ["", "abc", "0123456789ABCDEF", "0123456789abcdef0", "../../../etc/pa"])
+def test_invalid_versions_refused(store: FilesystemStore, version: str) -> None:
+    store.put("t1", CONFIG_A, WEIGHTS_A)
+    for call in (store.activate, store.delete_version, store.read_version):
+        with pytest.raises(InvalidVersionError, match="16 lowercase hex"):
+            call("t1", version)
+
+
+def test_state_file_is_json_and_no_temp_files_remain(store: FilesystemStore) -> None:
+    a, b, _ = put_abc(store)
+    store.activate("t1", a)
+    store.activate("t1", b)
+    state = json.loads((store.root / "t1" / "state.json").read_text())
+    assert state == {"active": b, "history": [a]}
+    assert sorted(p.name for p in (store.root / "t1").iterdir()) == ["state.json", "versions"]
+
+
+def test_failed_state_write_leaves_the_old_pointer(store: FilesystemStore, monkeypatch) -> None:
+    a, b, _ = put_abc(store)
+    store.activate("t1", a)
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(version_files.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        store.activate("t1", b)
+    monkeypatch.undo()
+    assert store.active_version("t1") == a
+    assert sorted(p.name for p in (store.root / "t1").iterdir()) == ["state.json", "versions"]
+
+
+def test_failed_put_exposes_no_half_written_version(store: FilesystemStore, monkeypatch) -> None:
+    real_write = version_files._write_synced
+
+    def write_config_then_crash(path: Path, data: bytes) -> None:
+        if path.name == version_files.WEIGHTS_FILE:
+            raise OSError("disk full")
+        real_write(path, data)
+
+    monkeypatch.setattr(version_files, "_write_synced", write_config_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        store.put("t1", CONFIG_A, WEIGHTS_A)
+    monkeypatch.undo()
+    assert store.known_tasks() == []
+    assert list((store.root / ".tmp").iterdir()) == []
+    assert store.put("t1", CONFIG_A, WEIGHTS_A) == content_version(CONFIG_A, WEIGHTS_A)
+
+
+def test_staging_leftovers_are_never_versions_or_tasks(store: FilesystemStore) -> None:
+    a = store.put("t1", CONFIG_A, WEIGHTS_A)
+    (store.root / ".tmp" / f"{a}.crashed").mkdir()  # a writer that died mid-put
+    (store.root / "t1" / "versions" / "not-a-version").mkdir()
+    assert [info.version for info in store.versions("t1")] == [a]
+    assert store.known_tasks() == ["t1"]
+
+
+def test_damaged_state_file_raises_naming_it(store: FilesystemStore) -> None:
+    a = store.put("t1", CONFIG_A, WEIGHTS_A)
+    store.activate("t1", a)
+    (store.root / "t1" / "state.json").write_text("{not json")
+    with pytest.raises(StoreCorruptError, match=r"state\.json"):
+        store.read("t1")
+
+
+def test_two_instances_share_one_root(tmp_path: Path) -> None:
+    first, second = FilesystemStore(tmp_path), FilesystemStore(tmp_path)
+    a, b, _ = put_abc(first)
+    second.activate("t1", a)
+    assert first.read("t1").version == a
+    first.activate("t1", b)
+    assert second.rollback("t1") == a
+    assert os.path.isfile(tmp_path / ".lock")
