@@ -101,6 +101,7 @@ class DecodeEngine(DecodeBackend):
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
+                    "max_waiting": self.config.max_waiting,
                     "num_reserved_kv_tokens": self.scheduler.num_reserved_tokens,
                     "max_kv_tokens": self.config.max_kv_tokens, "num_kv_bytes": self.runner.num_kv_bytes,
                     "num_steps": self.num_steps}

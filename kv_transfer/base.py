@@ -91,3 +91,7 @@ class DecodeBackend(abc.ABC):
     @abc.abstractmethod
     def abort(self, request_id: str) -> None:
         """Abort the request if it is queued or running."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int]:
+        """At least num_running, num_waiting and max_waiting (receivers pace themselves with it)."""

@@ -62,10 +62,9 @@ class GrpcSender(KVSender):
         self._calls[request_id] = call
         finished = False
         try:
-            await call.write(pb.DecodeRequest(header=pb.HandoffHeader.FromString(header)))
-            for piece in chunks(data):
-                await call.write(pb.DecodeRequest(chunk=pb.KVChunk(data=bytes(piece))))
-            await call.done_writing()
+            if not await self._write_all(call, header, data):
+                sink(await _status_error(request_id, call))
+                return
             async for msg in call:
                 event = event_from_proto(msg)
                 event.request_id = request_id
@@ -78,10 +77,27 @@ class GrpcSender(KVSender):
             pass  # aborted by us: the client is gone
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED and not finished:
-                status = _STATUS_FOR.get(e.code(), 502)
-                sink(_error(request_id, f"decode service unavailable ({e.code().name}): {e.details()}", status))
+                sink(_rpc_error(request_id, e.code(), e.details()))
+        except Exception as e:  # anything else still ends the request, never leaves it waiting
+            if not finished:
+                sink(_error(request_id, f"gRPC transport failed: {e!r}", 502))
         finally:
             self._calls.pop(request_id, None)
+
+    @staticmethod
+    async def _write_all(call: grpc.aio.StreamStreamCall, header: bytes, data: bytes) -> bool:
+        """Send header and KV chunks; False when the RPC ended first (refused, unreachable, ...)."""
+        try:
+            await call.write(pb.DecodeRequest(header=pb.HandoffHeader.FromString(header)))
+            await call.initial_metadata()  # decode accepted the call (or refused it: no KV is sent then)
+            if call.done():
+                return False
+            for piece in chunks(data):
+                await call.write(pb.DecodeRequest(chunk=pb.KVChunk(data=bytes(piece))))
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            return False
+        return True
 
     def abort(self, request_id: str) -> None:
         def cancel() -> None:
@@ -106,6 +122,14 @@ class GrpcSender(KVSender):
         asyncio.run_coroutine_threadsafe(self._channel.close(), self._loop).result(timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+async def _status_error(request_id: str, call: grpc.aio.StreamStreamCall) -> TokenEvent:
+    return _rpc_error(request_id, await call.code(), await call.details())
+
+
+def _rpc_error(request_id: str, code: grpc.StatusCode, details: str | None) -> TokenEvent:
+    return _error(request_id, f"decode service unavailable ({code.name}): {details}", _STATUS_FOR.get(code, 502))
 
 
 def _error(request_id: str, message: str, status: int) -> TokenEvent:

@@ -38,27 +38,42 @@ def _error(request_id: str, message: str, status: int) -> pb.TokenEvent:
     return pb.TokenEvent(request_id=request_id, finish_reason="error", error=message, error_status=status)
 
 
+class SecretInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call without the shared secret header before any handler runs."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret.encode()
+
+        async def deny_unary(request: object, context: grpc.aio.ServicerContext) -> None:
+            context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+            context.set_details(f"bad or missing {SECRET_HEADER}")
+
+        async def deny_stream(request_iterator: object, context: grpc.aio.ServicerContext) -> None:
+            context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+            context.set_details(f"bad or missing {SECRET_HEADER}")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny_unary)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny_stream)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        given = dict(handler_call_details.invocation_metadata or ()).get(SECRET_HEADER, "")
+        if hmac.compare_digest(str(given).encode(), self.secret):
+            return await continuation(handler_call_details)
+        return self._deny_stream if handler_call_details.method.endswith("/Decode") else self._deny_unary
+
+
 class DecodeServicer(pb_grpc.DecodeServiceServicer):
     def __init__(self, backend: DecodeBackend, health: Callable[[], pb.HealthReply], secret: str | None) -> None:
         self.backend = backend
         self.health = health
-        self.secret = secret
-
-    def _is_authorized(self, context: grpc.aio.ServicerContext) -> bool:
-        if not self.secret:
-            return True
-        given = dict(context.invocation_metadata() or ()).get(SECRET_HEADER, "")
-        return hmac.compare_digest(str(given).encode(), self.secret.encode())
+        self.secret = secret  # enforced by SecretInterceptor, which GrpcDecodeServer installs
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
-        if not self._is_authorized(context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing x-prad-secret")
         return self.health()
 
     async def Decode(self, request_iterator: AsyncIterator[pb.DecodeRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenEvent]:
-        if not self._is_authorized(context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing x-prad-secret")
+        await context.send_initial_metadata(())  # tells the client the call was accepted: send the KV
         requests = request_iterator.__aiter__()
         try:
             header, data = await _read_handoff(requests)
@@ -155,7 +170,8 @@ class GrpcDecodeServer:
     async def _start(self) -> None:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        self._server = grpc.aio.server(options=options)
+        interceptors = [SecretInterceptor(self.servicer.secret)] if self.servicer.secret else []
+        self._server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_DecodeServiceServicer_to_server(self.servicer, self._server)
         if self.tls and self.tls.cert and self.tls.key:
             with open(self.tls.key, "rb") as k, open(self.tls.cert, "rb") as c:

@@ -93,7 +93,8 @@ def event_to_proto(event: TokenEvent, first_token_index: int) -> pb.TokenEvent:
 
 def event_from_proto(msg: pb.TokenEvent) -> TokenEvent:
     return TokenEvent(msg.request_id, list(msg.token_ids), msg.text, msg.finish_reason or None, msg.error or None,
-                      msg.error_status or 503, msg.num_prompt_tokens, msg.num_output_tokens)
+                      msg.error_status or 503, msg.num_prompt_tokens, msg.num_output_tokens,
+                      first_token_index=msg.first_token_index)
 
 
 def chunks(data: bytes, size: int = CHUNK_BYTES) -> list[memoryview]:

@@ -1,0 +1,42 @@
+"""Key names of the Redis transport; every key of one deployment starts with its prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "prad-decode"  # the consumer group all decode replicas join
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str = "prad:"
+
+    @property
+    def jobs(self) -> str:
+        """Stream of handoff headers, consumed by the decode group."""
+        return f"{self.prefix}jobs"
+
+    @property
+    def aborts(self) -> str:
+        """Pub/sub channel of aborted request ids."""
+        return f"{self.prefix}aborts"
+
+    def kv(self, request_id: str) -> str:
+        """The KV blob of one request (TTL'd)."""
+        return f"{self.prefix}kv:{request_id}"
+
+    def tokens(self, request_id: str) -> str:
+        """Stream of token events back to the prefill node that owns the request."""
+        return f"{self.prefix}tokens:{request_id}"
+
+    def wake(self, sender_id: str) -> str:
+        """A sender's private stream, written to interrupt its blocking read when requests are added."""
+        return f"{self.prefix}wake:{sender_id}"
+
+    def alive(self, replica: str) -> str:
+        """Heartbeat key of a decode replica (expires when it stops beating)."""
+        return f"{self.prefix}decode-alive:{replica}"
+
+    @property
+    def alive_pattern(self) -> str:
+        return f"{self.prefix}decode-alive:*"
