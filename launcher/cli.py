@@ -79,6 +79,38 @@ def cmd_adapters_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", required=True, help="prefill server URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--token", default=os.environ.get("PRAD_ADMIN_TOKEN"), help="admin token (or PRAD_ADMIN_TOKEN)")
+
+
+def _add_admin_commands(adapters: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    push = adapters.add_parser("push", help="upload an adapter folder as a new version (validated by the server)")
+    _admin_flags(push)
+    push.add_argument("--task", required=True)
+    push.add_argument("--activate", action="store_true", help="make it the active version at once")
+    push.add_argument("dir")
+    push.set_defaults(func=lambda a: _admin(a, "push"))
+    activate = adapters.add_parser("activate", help="make a stored version the active one")
+    _admin_flags(activate)
+    activate.add_argument("--task", required=True)
+    activate.add_argument("--version", required=True)
+    activate.set_defaults(func=lambda a: _admin(a, "activate"))
+    rollback = adapters.add_parser("rollback", help="re-activate the previously active version")
+    _admin_flags(rollback)
+    rollback.add_argument("--task", required=True)
+    rollback.set_defaults(func=lambda a: _admin(a, "rollback"))
+    listing = adapters.add_parser("list", help="tasks and their versions (JSON)")
+    _admin_flags(listing)
+    listing.set_defaults(func=lambda a: _admin(a, "list"))
+
+
+def _admin(args: argparse.Namespace, action: str) -> int:
+    from launcher.admin_client import run_admin
+
+    return run_admin(args, action)
+
+
 def cmd_model_prepare(args: argparse.Namespace) -> int:
     from prad.loading import load_model
 
@@ -112,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-ttl-s", type=float, default=None)
     serve.add_argument("--claim-idle-s", type=float, default=None)
     serve.add_argument("--replica-name", default=None)
+    serve.add_argument("--admin-token", default=None, help="enables /admin (or PRAD_ADMIN_TOKEN)")
+    serve.add_argument("--store", type=Path, default=None, help="versioned adapter store folder")
+    serve.add_argument("--store-redis-url", default=None, help="Redis index for a store shared by prefill nodes")
+    serve.add_argument("--max-adapter-bytes", type=int, default=None)
     serve.add_argument("--max-task-labels", type=int, default=None, help="per-task metric labels before 'other'")
     serve.add_argument("--request-timeout-s", type=float, default=None)
     serve.add_argument("--api-key", default=None, help="bearer token required on /v1/* (or PRAD_API_KEY)")
@@ -142,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--targets", default="q,v", help="LoRA targets among q,k,v,o")
     init.add_argument("--prompt-template", default=None, help="e.g. 'Review: {input}\\nSentiment:'")
     init.set_defaults(func=cmd_adapters_init)
+
+    _add_admin_commands(adapters)
 
     model = sub.add_parser("model", help="model tools").add_subparsers(dest="model_command", required=True)
     prepare = model.add_parser("prepare", help="convert and cache the model once; print its fingerprint")

@@ -11,14 +11,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI
 
-from adapters_store.directory import DirectoryStore
+from adapters_store.base import VersionedAdapterStore
+from adapters_store.filesystem import FilesystemStore
+from adapters_store.serving import ServingStore, seed_from_folder
 from decode_service.app import create_decode_app
 from decode_service.engine import DecodeConfig, DecodeEngine
 from kv_transfer.base import KVSender
@@ -29,6 +33,7 @@ from launcher.settings import ServeSettings
 from prad.loading import LoadedModel, load_model
 from prad.metrics import Metrics
 from prefill_service.adapter_cache import AdapterCache
+from prefill_service.admin_api import AdminService, build_admin_router
 from prefill_service.app import create_app
 from prefill_service.engine import PrefillConfig, PrefillEngine
 from prefill_service.service import PrefillService
@@ -121,8 +126,16 @@ def _front_door(settings: ServeSettings, loaded: LoadedModel, sender: KVSender, 
                 | None, metrics: Metrics, life: Lifecycle) -> FastAPI:
     prefill = PrefillEngine(loaded, sender, PrefillConfig(settings.max_prefill_tokens, 64, settings.max_waiting),
                             lock, metrics)
-    cache = AdapterCache(DirectoryStore(settings.adapters), loaded.model, loaded.fingerprint,
-                         settings.max_loaded_adapters, metrics.adapter_event)
+    store = _versioned_store(settings, life)
+    seed_errors = seed_from_folder(store, settings.adapters)
+    # Created after seeding, so only changes made while serving count as hot swaps.
+    serving = ServingStore(store, settings.adapter_poll_s, lambda task, _: metrics.adapter_swaps.labels(
+        metrics.task(task)).inc())
+    serving.seed_errors = seed_errors
+    life.starts.append(serving.start)
+    life.stops.append(serving.stop)
+    cache = AdapterCache(serving, loaded.model, loaded.fingerprint, settings.max_loaded_adapters,
+                         metrics.adapter_event)
     for task, error in cache.validate_all().items():
         log.error("task %s will not be served: %s", task, error)
     service = PrefillService(loaded, cache, prefill, sender, _max_seq_len(settings, loaded),
@@ -132,9 +145,40 @@ def _front_door(settings: ServeSettings, loaded: LoadedModel, sender: KVSender, 
     life.stops.insert(0, sender.close)  # closed last (stops run in reverse)
     life.checks.append(lambda: {} if prefill.is_alive else {"prefill": "prefill engine not running"})
     life.checks.append(lambda: _sender_check(sender))
-    app = create_app(service, life.start, life.stop, life.readiness, settings.api_key)
+    admin = None
+    if settings.admin_token:
+        admin = build_admin_router(AdminService(store, loaded, settings.max_adapter_bytes), settings.admin_token)
+    app = create_app(service, life.start, life.stop, life.readiness, settings.api_key, admin,
+                     settings.max_adapter_bytes + (2 << 20))
     app.state.engines = {"prefill": prefill}
+    app.state.store = store
     return app
+
+
+def _versioned_store(settings: ServeSettings, life: Lifecycle) -> VersionedAdapterStore:
+    """The adapter store: a folder (default: a temp dir for this process), indexed in Redis when shared."""
+    root = settings.store
+    if root is None:
+        tmp = tempfile.TemporaryDirectory(prefix="prad-store-")
+        life.stops.append(tmp.cleanup)
+        root = Path(tmp.name)
+    if settings.store_redis_url:
+        from adapters_store.redis_index import RedisIndexStore
+
+        store = RedisIndexStore(settings.store_redis_url, root, prefix=settings.redis_prefix + "adapters:",
+                                poll_interval_s=settings.adapter_poll_s)
+        life.stops.append(store.close)
+        life.checks.append(lambda: _store_check(store))
+        return store
+    return FilesystemStore(root)
+
+
+def _store_check(store: object) -> dict[str, str]:
+    try:
+        store.ping()  # type: ignore[attr-defined]
+    except Exception as e:
+        return {"adapter_store": str(e)}
+    return {}
 
 
 def _sender_check(sender: KVSender) -> dict[str, str]:

@@ -43,6 +43,11 @@ class ServeSettings(BaseSettings):
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
     api_key: str | None = Field(default=None, description="required as a bearer token on /v1/* when set")
+    admin_token: str | None = Field(default=None, description="bearer token for /admin; unset: no admin routes")
+    store: Path | None = Field(default=None, description="versioned adapter store folder (default: a temp dir)")
+    store_redis_url: str | None = Field(default=None, description="Redis index for a store shared by many nodes")
+    max_adapter_bytes: int = Field(default=256 << 20, ge=1024, description="upload limit for adapter weights")
+    adapter_poll_s: float = Field(default=1.0, gt=0, description="fallback poll of the store for changes")
     max_task_labels: int = Field(default=100, ge=1, description="per-task metric labels before 'other'")
 
     @property

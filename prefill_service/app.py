@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -31,7 +31,8 @@ ServiceDep = Annotated[PrefillService, Depends(get_service)]
 
 def create_app(service: PrefillService, on_start: Callable[[], None] | None = None,
                on_stop: Callable[[], None] | None = None,
-               readiness: Callable[[], dict[str, str]] | None = None, api_key: str | None = None) -> FastAPI:
+               readiness: Callable[[], dict[str, str]] | None = None, api_key: str | None = None,
+               admin_router: APIRouter | None = None, max_admin_body_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """readiness() returns {component: problem} for what is not ready (empty = ready).
     api_key, when set, is required as `Authorization: Bearer <key>` on /v1/*."""
 
@@ -66,8 +67,9 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_REQUEST_BYTES):
-            return JSONResponse({"detail": f"request body over {MAX_REQUEST_BYTES} bytes"}, status_code=413)
+        limit = max_admin_body_bytes if request.url.path.startswith("/admin/") else MAX_REQUEST_BYTES
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
         if api_key and request.url.path.startswith("/v1/") and not _has_key(request, api_key):
             return openai_error(401, "missing or invalid API key (Authorization: Bearer <key>)")
         return await call_next(request)
@@ -99,6 +101,8 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
         return await _collect(prepared, events)
 
     app.include_router(build_router(get_service))
+    if admin_router is not None:
+        app.include_router(admin_router)
     return app
 
 

@@ -1,0 +1,136 @@
+"""Admin API under /admin: upload, list, activate, roll back and delete adapter versions.
+
+Every route needs `Authorization: Bearer <admin token>` (401 without, 403 with a wrong one; compared
+in constant time). Without a configured token the routes are not mounted at all (404), never open.
+Uploads are validated completely (format, variant, shapes, fingerprint, finite values) before they
+are stored, and storing never activates: a bad upload cannot disturb the version being served.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from adapters_store.base import (
+    InvalidVersionError,
+    StoreConflictError,
+    StoreError,
+    StoreUnavailableError,
+    UnknownTaskError,
+    UnknownVersionError,
+    VersionedAdapterStore,
+)
+from prad.adapters import AdapterError
+from prad.adapters.config import PRAD_VARIANTS, validate_task_id
+from prad.adapters.io import parse_adapter
+from prad.loading import LoadedModel
+
+DEFAULT_MAX_ADAPTER_BYTES = 256 << 20
+
+
+class ActivateBody(BaseModel):
+    version: str
+
+
+class AdminService:
+    """What the admin routes do, apart from HTTP."""
+
+    def __init__(self, store: VersionedAdapterStore, loaded: LoadedModel, max_adapter_bytes: int) -> None:
+        self.store = store
+        self.loaded = loaded
+        self.max_adapter_bytes = max_adapter_bytes
+
+    def upload(self, task: str, config_bytes: bytes, weight_bytes: bytes) -> str:
+        validate_task_id(task)
+        adapter = parse_adapter(config_bytes, weight_bytes, self.loaded.config, self.loaded.fingerprint,
+                                source=f"upload for task {task!r}")
+        if adapter.config.variant not in PRAD_VARIANTS:
+            raise AdapterError(f"variant {adapter.config.variant!r} cannot be served by an adapter-free decode; "
+                               f"upload one of {list(PRAD_VARIANTS)}")
+        return self.store.put(task, config_bytes, weight_bytes)
+
+    def listing(self) -> list[dict[str, Any]]:
+        rows = []
+        for task in self.store.known_tasks():
+            rows.append({"task": task, "active_version": self.store.active_version(task),
+                         "versions": [{"version": v.version, "created_s": v.created_s, "num_bytes": v.num_bytes,
+                                       "is_active": v.is_active} for v in self.store.versions(task)]})
+        return rows
+
+
+def _status_for(e: Exception) -> int:
+    if isinstance(e, UnknownTaskError | UnknownVersionError):
+        return 404
+    if isinstance(e, StoreConflictError):
+        return 409
+    if isinstance(e, StoreUnavailableError):
+        return 503
+    if isinstance(e, AdapterError | InvalidVersionError | ValueError):
+        return 400
+    return 500
+
+
+async def _call(fn, *args: Any) -> Any:
+    try:
+        return await run_in_threadpool(fn, *args)
+    except (AdapterError, StoreError, KeyError, ValueError) as e:
+        raise HTTPException(_status_for(e), str(e).strip("'\"")) from e
+
+
+def build_admin_router(admin: AdminService, token: str) -> APIRouter:
+    def require_token(request: Request) -> None:
+        header = request.headers.get("authorization")
+        if not header:
+            raise HTTPException(401, "admin token required: Authorization: Bearer <token>",
+                                headers={"WWW-Authenticate": "Bearer"})
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(403, "wrong admin token")
+
+    router = APIRouter(prefix="/admin", dependencies=[Depends(require_token)])
+
+    @router.get("/adapters")
+    async def list_adapters() -> dict[str, Any]:
+        return {"tasks": await _call(admin.listing)}
+
+    @router.post("/adapters/{task}/versions", status_code=201)
+    async def upload(task: str, config: Annotated[UploadFile, File()], weights: Annotated[UploadFile, File()],
+                     activate: Annotated[bool, Form()] = False) -> dict[str, Any]:
+        config_bytes = await _read_bounded(config, 1 << 20, "config")
+        weight_bytes = await _read_bounded(weights, admin.max_adapter_bytes, "weights")
+        version = await _call(admin.upload, task, config_bytes, weight_bytes)
+        if activate:
+            await _call(admin.store.activate, task, version)
+        return {"task": task, "version": version, "activated": activate}
+
+    @router.post("/adapters/{task}/activate")
+    async def activate(task: str, body: ActivateBody) -> dict[str, Any]:
+        await _call(admin.store.activate, task, body.version)
+        return {"task": task, "version": body.version}
+
+    @router.post("/adapters/{task}/rollback")
+    async def rollback(task: str) -> dict[str, Any]:
+        return {"task": task, "version": await _call(admin.store.rollback, task)}
+
+    @router.delete("/adapters/{task}/versions/{version}")
+    async def delete_version(task: str, version: str) -> dict[str, Any]:
+        await _call(admin.store.delete_version, task, version)
+        return {"task": task, "deleted": version}
+
+    @router.delete("/adapters/{task}")
+    async def delete_task(task: str) -> dict[str, Any]:
+        await _call(admin.store.delete_task, task)
+        return {"task": task, "deleted": True}
+
+    return router
+
+
+async def _read_bounded(upload: UploadFile, limit: int, name: str) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, f"{name} file over the {limit}-byte limit")
+    return data
