@@ -40,8 +40,8 @@ class KVCache:
                num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, Hkv, T, D] at `positions` [B, T]; return keys/values [B, Hkv, num_keys, D]."""
         bsz = k.shape[0]
-        if int(positions.max()) >= self.capacity:
-            raise ValueError(f"position {int(positions.max())} exceeds KV capacity {self.capacity}")
+        if num_keys > self.capacity:  # num_keys = max position + 1, known without a device sync
+            raise ValueError(f"position {num_keys - 1} exceeds KV capacity {self.capacity}")
         row_idx = torch.arange(bsz, device=k.device)[:, None]  # [B, 1] broadcast against [B, T]
         # [B, S, Hkv, D] views index (row, position) pairs and write through to the cache.
         self.k[layer, :bsz].transpose(1, 2)[row_idx, positions] = k.transpose(1, 2).to(self.k.dtype)

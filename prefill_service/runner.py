@@ -51,5 +51,5 @@ class PrefillRunner:
             self.model.config, adapters, prompt_mask.to(device))
         logits = self.model.forward(ids.to(device), positions.to(device), kv, hooks,
                                     logit_index=torch.tensor(lengths, device=device) - 1)
-        return [ChunkOutput(kv.extract(i, c.start + lengths[i]).clone(), logits[i])
+        return [ChunkOutput(kv.extract(i, c.start + lengths[i]), logits[i])  # extract copies
                 for i, c in enumerate(chunks)]
