@@ -158,11 +158,8 @@ class RedisDecodeWorker:
         self._outbox.put((rid, TokenEvent(rid, [], "", finish_reason="error", error=message, error_status=status)))
 
     def _finish_job(self, entry_id: bytes, rid: str | None) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xack(self.keys.jobs, GROUP, entry_id)
-        pipe.xdel(self.keys.jobs, entry_id)
-        if rid is not None:
-            pipe.delete(self.keys.kv(rid))
+        pipe = self.redis.pipeline(transaction=True)
+        self._queue_cleanup(pipe, entry_id, rid)
         pipe.execute()
 
     # --- events back ----------------------------------------------------------------------------
@@ -184,28 +181,29 @@ class RedisDecodeWorker:
                 log.warning("could not publish %d events: %s", len(batch), e)
 
     def _publish(self, batch: list[tuple[str, TokenEvent]]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        done: list[tuple[bytes, str]] = []
+        # One MULTI/EXEC: a request's final event and the removal of its job and KV happen together,
+        # so a replica dying in between can never leave a finished job to be replayed.
+        pipe = self.redis.pipeline(transaction=True)
         for rid, event in batch:
-            key = self.keys.tokens(rid)
-            if rid in self._aborted:
-                if event.is_final:
-                    self._aborted.discard(rid)
-                    with self._lock:
-                        entry_id = self._in_flight.pop(rid, None)
-                    if entry_id is not None:
-                        done.append((entry_id, rid))
-                continue
-            pipe.xadd(key, {"event": event_to_proto(event, event.first_token_index).SerializeToString()})
-            pipe.expire(key, self.stream_ttl_s)
             if event.is_final:
                 with self._lock:
                     entry_id = self._in_flight.pop(rid, None)
                 if entry_id is not None:
-                    done.append((entry_id, rid))
+                    self._queue_cleanup(pipe, entry_id, rid)
+            if rid in self._aborted:  # nobody reads these events any more
+                if event.is_final:
+                    self._aborted.discard(rid)
+                continue
+            key = self.keys.tokens(rid)
+            pipe.xadd(key, {"event": event_to_proto(event, event.first_token_index).SerializeToString()})
+            pipe.expire(key, self.stream_ttl_s)
         pipe.execute()
-        for entry_id, rid in done:
-            self._finish_job(entry_id, rid)
+
+    def _queue_cleanup(self, pipe: redis.client.Pipeline, entry_id: bytes, rid: str | None) -> None:
+        pipe.xack(self.keys.jobs, GROUP, entry_id)
+        pipe.xdel(self.keys.jobs, entry_id)
+        if rid is not None:
+            pipe.delete(self.keys.kv(rid))
 
     # --- aborts ---------------------------------------------------------------------------------
     def _aborts_loop(self) -> None:

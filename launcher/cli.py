@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapters", type=Path, default=None, help="folder with one sub-folder per task")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
-    for flag in ("max-batch-size", "max-seq-len", "max-kv-tokens", "max-prefill-tokens", "max-waiting",
+    for flag in ("max-batch-size", "max-prefill-batch", "max-seq-len", "max-kv-tokens", "max-prefill-tokens",
+                 "max-waiting",
                  "max-loaded-adapters"):
         serve.add_argument(f"--{flag}", type=int, default=None)
     serve.add_argument("--role", default=None, choices=["all", "prefill", "decode"])

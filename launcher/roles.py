@@ -124,7 +124,8 @@ def make_sender(settings: ServeSettings) -> KVSender:
 
 def _front_door(settings: ServeSettings, loaded: LoadedModel, sender: KVSender, lock: AbstractContextManager[object]
                 | None, metrics: Metrics, life: Lifecycle) -> FastAPI:
-    prefill = PrefillEngine(loaded, sender, PrefillConfig(settings.max_prefill_tokens, 64, settings.max_waiting),
+    prefill = PrefillEngine(loaded, sender, PrefillConfig(settings.max_prefill_tokens, settings.max_prefill_batch,
+                                                         settings.max_waiting),
                             lock, metrics)
     store = _versioned_store(settings, life)
     seed_errors = seed_from_folder(store, settings.adapters)

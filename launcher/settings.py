@@ -32,7 +32,8 @@ class ServeSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    max_batch_size: int = Field(default=32, ge=1, le=1024, description="decode rows per step")
+    max_batch_size: int = Field(default=64, ge=1, le=1024, description="decode rows per step")
+    max_prefill_batch: int = Field(default=64, ge=1, le=1024, description="prompts per prefill pass")
     max_seq_len: int = Field(default=2048, ge=16, description="prompt + output tokens per request")
     max_kv_tokens: int | None = Field(default=None, ge=16, description="decode KV budget (default: batch x seq)")
     max_prefill_tokens: int = Field(default=2048, ge=16, description="prompt tokens per prefill pass")

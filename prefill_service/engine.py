@@ -122,6 +122,12 @@ class PrefillEngine:
             self._update(batch, outputs)
 
     def _execute(self, batch: PrefillBatch):
+        now = time.monotonic()
+        for chunk in batch.chunks:
+            job: _Job = chunk.request.payload
+            if job.started_s is None:
+                job.started_s = now
+                self.metrics.queue_s.labels(self.metrics.task(chunk.request.task)).observe(now - job.arrived_s)
         inputs = [ChunkInput(c.request.prompt_token_ids[c.start:c.end], c.start, c.request.payload.adapter,
                              c.request.payload.past_kv) for c in batch.chunks]
         with self.compute_lock:

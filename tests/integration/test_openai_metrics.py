@@ -112,6 +112,8 @@ def test_metrics_count_what_was_sent_and_cap_task_labels(served: str) -> None:
     assert delta("prad:generation_tokens_total", task="other") == 5 + 5 + 3
     assert delta("prad:time_to_first_token_seconds_count", task="other") == 3
     assert delta("prad:e2e_request_latency_seconds_count", task="beta") == 1
+    assert delta("prad:request_queue_time_seconds_count", task="other") == 3
+    assert delta("prad:request_prefill_time_seconds_count", task="alpha") == 1
     assert delta("prad:inter_token_latency_seconds_count", task="alpha") == 4
     assert delta("prad:request_errors_total", task="unknown", kind="unknown_task") == 1
     assert delta("prad:kv_transfer_bytes_total", transport="inproc") > 0
