@@ -10,7 +10,7 @@ PORT ?= 8000
 ADAPTERS ?= var/adapters
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install serve test lint demo-adapters bench clean
+.PHONY: install serve test lint demo-adapters bench bench-multitask clean
 
 install: $(STAMP)
 
@@ -51,6 +51,13 @@ lint: install
 bench: install
 	$(BIN)/python -m bench.decode $(DECODE_ARGS)
 	$(BIN)/python -m bench.prefill $(PREFILL_ARGS)
+	$(BIN)/python -m bench.multitask --preset make $(MULTITASK_ARGS)
+
+# Multi-task end to end (PrAd Serve vs per-task and mixed-batch LoRA, PEFT, the base model). The `make`
+# preset (~20-30 min on 2 idle cores) differs from the paper's setting: 16-token prompts, 16 generated
+# tokens, N = 8,16,64 and 7 of the 10 arms; MULTITASK_ARGS='--preset paper' runs the paper's (hours here).
+bench-multitask: install
+	$(BIN)/python -m bench.multitask --preset make $(MULTITASK_ARGS)
 
 clean:
 	rm -rf $(VENV)
