@@ -135,6 +135,8 @@ class DecodeEngine(DecodeBackend):
                 self._fail(running, f"decode step failed: {e}")
                 continue
             self._update(running, tokens)
+            with self._lock:
+                self._observe(self.scheduler.num_running)  # gauges stay true when the loop goes idle
 
     def _observe(self, batch_size: int) -> None:
         m, s = self.metrics, self.scheduler

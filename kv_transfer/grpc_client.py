@@ -20,7 +20,7 @@ from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.protos import kv_handoff_pb2_grpc as pb_grpc
 from kv_transfer.wire import chunks, encode_handoff, event_from_proto
 
-_STATUS_FOR = {grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+_STATUS_FOR = {grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.CANCELLED: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
                grpc.StatusCode.UNAUTHENTICATED: 502, grpc.StatusCode.RESOURCE_EXHAUSTED: 429}
 
 
@@ -76,7 +76,10 @@ class GrpcSender(KVSender):
         except asyncio.CancelledError:
             pass  # aborted by us: the client is gone
         except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.CANCELLED and not finished:
+            # CANCELLED is ours when abort() removed the call first; otherwise decode went away
+            # (e.g. shutting down) and the client must hear it rather than wait for its deadline.
+            is_ours = e.code() == grpc.StatusCode.CANCELLED and request_id not in self._calls
+            if not finished and not is_ours:
                 sink(_rpc_error(request_id, e.code(), e.details()))
         except Exception as e:  # anything else still ends the request, never leaves it waiting
             if not finished:

@@ -18,10 +18,11 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
+def _add_model_flags(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    """default=None lets `prad serve` take PRAD_DEVICE / PRAD_DTYPE from the environment."""
     p.add_argument("--model", default=None, help="local HF model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default=default, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default=default, choices=["auto", "float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: available cores)")
 
 
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server (embedded: prefill + decode in one process)")
-    _add_model_flags(serve)
+    _add_model_flags(serve, default=None)
     serve.add_argument("--adapters", type=Path, default=None, help="folder with one sub-folder per task")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)

