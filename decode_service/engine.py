@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from decode_service.scheduler import DecodeScheduler, DecodeSequence, SeqStatus
 from kv_transfer.base import DecodeBackend, EventSink, TokenEvent
 from kv_transfer.handoff import KVHandoff, KVLayout, check_handoff
 from prad.detokenizer import Detokenizer
+from prad.engine_loop import EngineLoop
 from prad.loading import LoadedModel
 from prad.metrics import Metrics
 from prad.sampling import sample_batch
@@ -36,7 +36,9 @@ class _Job:
     arrived_s: float
 
 
-class DecodeEngine(DecodeBackend):
+class DecodeEngine(EngineLoop, DecodeBackend):
+    thread_name = "decode-engine"
+
     def __init__(self, loaded: LoadedModel, config: DecodeConfig,
                  compute_lock: AbstractContextManager[object] | None = None, metrics: Metrics | None = None) -> None:
         self.loaded = loaded
@@ -45,30 +47,12 @@ class DecodeEngine(DecodeBackend):
         self.runner = DecodeRunner(loaded.model, config.max_batch_size, config.max_seq_len)
         self.scheduler = DecodeScheduler(config.max_batch_size, config.max_kv_tokens, config.max_waiting)
         self.compute_lock = compute_lock or nullcontext()
-        self._lock = threading.Condition()
+        super().__init__()
         self._by_id: dict[str, DecodeSequence] = {}
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         c = loaded.config
         self.num_steps = 0
         self.expected_layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, str(loaded.model.dtype)
                                         .removeprefix("torch."), 0)
-
-    # --- lifecycle -------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    @property
-    def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     # --- DecodeBackend ---------------------------------------------------------------------
     def submit(self, handoff: KVHandoff, sink: EventSink) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from kv_transfer.base import EventSink, KVSender, TokenEvent
 from kv_transfer.handoff import HandoffError, KVHandoff, KVLayout
 from prad.adapters import Adapter
+from prad.engine_loop import EngineLoop
 from prad.errors import QueueFullError
 from prad.loading import LoadedModel
 from prad.metrics import Metrics
@@ -42,7 +42,9 @@ class _Job:
     started_s: float | None = None  # when its first chunk was scheduled
 
 
-class PrefillEngine:
+class PrefillEngine(EngineLoop):
+    thread_name = "prefill-engine"
+
     def __init__(self, loaded: LoadedModel, sender: KVSender, config: PrefillConfig,
                  compute_lock: AbstractContextManager[object] | None = None, metrics: Metrics | None = None) -> None:
         self.loaded = loaded
@@ -52,26 +54,9 @@ class PrefillEngine:
         self.runner = PrefillRunner(loaded.model)
         self.scheduler = PrefillScheduler(config.max_prefill_tokens, config.max_batch_size, config.max_waiting)
         self.compute_lock = compute_lock or nullcontext()
-        self._lock = threading.Condition()
+        super().__init__()
         self._by_id: dict[str, PrefillRequest] = {}
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self.num_steps = 0
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    @property
-    def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def submit(self, request_id: str, task: str, prompt_token_ids: list[int], adapter: Adapter | None,
                adapter_version: str, sampling: SamplingParams, sink: EventSink,
