@@ -71,11 +71,11 @@ class PrefillEngine(EngineLoop):
             self._lock.notify_all()
 
     def abort(self, request_id: str) -> None:
-        """Abort wherever the request is: still queued here, or already with decode."""
+        """Abort wherever the request is: queued here, being handed over, or already with decode."""
         with self._lock:
             request = self._by_id.get(request_id)
             if request is not None:
-                request.is_abort_requested = True
+                request.is_abort_requested = True  # the scheduler drops it, or _hand_off forwards it
                 self._lock.notify_all()
                 return
         self.sender.abort(request_id)
@@ -122,17 +122,27 @@ class PrefillEngine(EngineLoop):
 
     def _update(self, batch: PrefillBatch, outputs) -> None:
         with self._lock:
-            done = self.scheduler.update(batch)
+            self.scheduler.update(batch)  # completed prompts stay in _by_id until handed off
             for chunk, out in zip(batch.chunks, outputs, strict=True):
                 chunk.request.payload.past_kv = None if chunk.is_last else out.kv
-            for request in done:
-                self._by_id.pop(request.request_id, None)
             self.metrics.num_waiting.labels("prefill").set(self.scheduler.num_waiting)
         for chunk, out in zip(batch.chunks, outputs, strict=True):
             if chunk.is_last:
                 self._hand_off(chunk.request, out)
 
     def _hand_off(self, request: PrefillRequest, out) -> None:
+        try:
+            self._send(request, out)
+        finally:
+            # An abort that arrived while the KV was being handed over is forwarded now that decode
+            # knows the request; one arriving after this point goes straight to the sender.
+            with self._lock:
+                self._by_id.pop(request.request_id, None)
+                is_aborted = request.is_abort_requested
+            if is_aborted:
+                self.sender.abort(request.request_id)
+
+    def _send(self, request: PrefillRequest, out) -> None:
         job: _Job = request.payload
         first = sample_one(out.logits, job.sampling, 0)
         c = self.loaded.config
