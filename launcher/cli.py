@@ -1,4 +1,5 @@
-"""The `prad` command line: serve, generate (reference), adapters init, model prepare."""
+"""The `prad` command line: serve, generate (reference), adapters init, model prepare; train and eval
+(wired in launcher/train_cli.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from launcher.train_cli import add_training_commands
 
 # Must be set before torch loads: spinning OpenMP threads collapse when a core is busy.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -187,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = model.add_parser("prepare", help="convert and cache the model once; print its fingerprint")
     prepare.add_argument("--model", default=None)
     prepare.set_defaults(func=cmd_model_prepare)
+
+    add_training_commands(sub)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 `model` names the task ("base" = no adapter). Requests are translated into the same GenerateRequest
 that /generate takes, so results are identical; responses and errors use OpenAI's shapes.
+/v1/completions also takes our `input` field instead of `prompt`: the task's input, formatted with its
+adapter's prompt template exactly as /generate formats `input`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from kv_transfer.base import TokenEvent
@@ -37,8 +39,16 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(max_length=MAX_PROMPT_CHARS)
+    prompt: str | list[str] | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    # Our extension: the task's input, formatted with the adapter's prompt template like /generate's "input".
+    input: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> CompletionRequest:
+        if (self.prompt is None) == (self.input is None):
+            raise ValueError("give exactly one of 'prompt' or 'input'")
+        return self
 
 
 class ChatMessage(BaseModel):
@@ -59,17 +69,18 @@ def openai_error(status: int, message: str, param: str | None = None) -> JSONRes
                         status_code=status)
 
 
-def _to_generate(body: _Sampling, prompt: str, max_tokens: int | None) -> GenerateRequest:
+def _to_generate(body: _Sampling, prompt: str | None, max_tokens: int | None,
+                 task_input: str | None = None) -> GenerateRequest:
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     try:
-        return GenerateRequest(task=body.model, prompt=prompt, max_new_tokens=max_tokens or 256,
+        return GenerateRequest(task=body.model, prompt=prompt, input=task_input, max_new_tokens=max_tokens or 256,
                                temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,
                                stream=body.stream)
     except ValidationError as e:
         raise ServiceError(400, "; ".join(err["msg"] for err in e.errors())) from e
 
 
-def _completion_prompt(body: CompletionRequest) -> str:
+def _completion_prompt(body: CompletionRequest) -> str | None:
     if isinstance(body.prompt, list):
         if len(body.prompt) != 1:
             raise ServiceError(400, "prompt: exactly one prompt per request is supported")
@@ -90,7 +101,7 @@ def build_router(get_service: Any) -> APIRouter:
     @router.post("/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         service: PrefillService = get_service(request)
-        gen = _to_generate(body, _completion_prompt(body), body.max_tokens)
+        gen = _to_generate(body, _completion_prompt(body), body.max_tokens, body.input)
         return await _run(service, gen, "text_completion")
 
     @router.post("/chat/completions", response_model=None)

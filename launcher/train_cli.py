@@ -1,0 +1,131 @@
+"""`prad train` and `prad eval`: argparse wiring only; the work lives in prad.training.
+
+Heavy imports (torch, transformers) happen inside the commands, so `prad --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, cast
+
+BASE_ADAPTER = "base"
+
+
+def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register `train` and `eval` on the `prad` subcommand parser."""
+    _add_train(sub.add_parser("train", help="train a task adapter; writes the best dev checkpoint"))
+    _add_eval(sub.add_parser("eval", help="greedy-decode a dev/test file through the serving runners and score it"))
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local HF model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="base-model dtype; bfloat16 also trains under autocast (adapter master weights stay fp32)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: available cores)")
+
+
+def _add_task_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default=None, help="task name for the built-in template/metric (default: data folder)")
+    p.add_argument("--template", default=None, help="prompt template with {input}, e.g. 'Review: {input}\\nSentiment:'")
+    p.add_argument("--metric", default=None, choices=["accuracy", "bleu", "rouge"])
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="task folder with train.jsonl (+ dev.jsonl)")
+    p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+    p.add_argument("--variant", required=True, choices=["prad-pa", "prad-sa", "prad-lora", "pa", "sa", "lora"])
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--lr", type=float, required=True)
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--epochs", type=float)
+    length.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--max-input-tokens", type=int, required=True, help="cap on the templated prompt's tokens")
+    p.add_argument("--max-target-tokens", type=int, required=True, help="cap on target + EOS tokens")
+    p.add_argument("--truncate-side", default="right", choices=["right", "left"],
+                   help="cut over-long inputs at the end (right: keep the start) or at the start")
+    _add_task_flags(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--eval-every", type=int, default=0, help="dev evaluation every N steps (0 = at the end only)")
+    p.add_argument("--eval-samples", type=int, default=100, help="dev examples per evaluation (0 = none)")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--train-samples", type=int, default=None, help="train on a seeded random subset")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA: scaling is alpha / rank")
+    p.add_argument("--targets", default="q,v", help="LoRA targets among q,k,v,o")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    _add_runtime_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, help="adapter folder, or 'base' for the untuned model")
+    p.add_argument("--data", type=Path, required=True, help="JSONL file, or a task folder (its dev split)")
+    p.add_argument("--max-samples", type=int, default=None, help="a seeded random subset (same as --eval-samples)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    p.add_argument("--max-input-tokens", type=int, default=None, help="default: the adapter's training cap")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-shown", type=int, default=5, help="examples printed with their predictions")
+    _add_task_flags(p)
+    _add_runtime_flags(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from prad.training.run import TrainArgs, run_training
+
+    _set_threads(args.threads)
+    train_args = TrainArgs(
+        data=args.data, out=args.out, variant=args.variant, rank=args.rank, lr=args.lr, batch_size=args.batch_size,
+        max_input_tokens=args.max_input_tokens, max_target_tokens=args.max_target_tokens, steps=args.steps,
+        epochs=args.epochs, task=args.task, template=args.template, metric=args.metric, seed=args.seed,
+        warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
+        eval_every=args.eval_every, eval_samples=args.eval_samples, eval_batch_size=args.eval_batch_size,
+        train_samples=args.train_samples, device=args.device, dtype=args.dtype, model=args.model,
+        alpha=args.alpha, targets=tuple(args.targets.split(",")), truncate_side=args.truncate_side,
+        show_progress=not args.no_progress)
+    print(json.dumps(run_training(train_args)))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from prad.adapters import load_adapter
+    from prad.loading import load_model
+    from prad.training.data import Tokenizer, load_eval_examples, subset
+    from prad.training.evaluate import eval_examples, evaluate
+    from prad.training.tasks import resolve_task
+
+    _set_threads(args.threads)
+    loaded = load_model(args.model, args.device, args.dtype)
+    adapter = None
+    if args.adapter != BASE_ADAPTER:
+        adapter = load_adapter(Path(args.adapter), loaded.config, loaded.fingerprint).to(
+            loaded.model.device, loaded.model.dtype)
+    meta: dict[str, Any] = adapter.config.metadata if adapter else {}
+    training: dict[str, Any] = meta.get("training", {})
+    template = args.template or (adapter.config.prompt_template if adapter else None)
+    spec = resolve_task(args.task or meta.get("task") or _task_from_path(args.data), template, args.metric)
+    examples = subset(eval_examples(load_eval_examples(args.data), spec.metric), args.max_samples)
+    result = evaluate(loaded.model, cast(Tokenizer, loaded.tokenizer), adapter, examples, spec,
+                      args.max_new_tokens or spec.max_new_tokens, args.batch_size,
+                      args.max_input_tokens or training.get("max_input_tokens"),
+                      training.get("truncate_side", "right"))
+    print(json.dumps({"adapter": args.adapter, "adapter_version": adapter.version if adapter else BASE_ADAPTER,
+                      "data": str(args.data), "template": spec.template, **result.to_json(args.num_shown)}))
+    return 0
+
+
+def _task_from_path(data: Path) -> str:
+    return data.name if data.is_dir() else data.parent.name
