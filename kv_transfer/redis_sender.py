@@ -65,6 +65,10 @@ class RedisSender(KVSender):
             self._follows[rid] = _Follow(DedupSink(sink), "0", deadline)
         try:
             pipe = self.redis.pipeline(transaction=True)
+            # The token stream is created here, and decode only appends to an existing one
+            # (NOMKSTREAM): once this side deletes it, a late or duplicate replica cannot recreate it.
+            pipe.xadd(self.keys.tokens(rid), {"open": b"1"})
+            pipe.pexpire(self.keys.tokens(rid), self.kv_ttl_ms)
             pipe.set(self.keys.kv(rid), data, px=self.kv_ttl_ms)
             pipe.xadd(self.keys.jobs, {"header": header}, maxlen=MAX_JOBS, approximate=True)
             pipe.xadd(self.keys.wake(self.sender_id), {"r": rid}, maxlen=10, approximate=True)
@@ -133,6 +137,8 @@ class RedisSender(KVSender):
             return
         for entry_id, fields in entries:
             follow.last_id = entry_id.decode()
+            if b"event" not in fields:
+                continue  # the entry that opened the stream
             event = event_from_proto(pb.TokenEvent.FromString(fields[b"event"]))
             follow.sink(event)
             if follow.sink.is_finished:

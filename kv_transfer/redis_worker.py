@@ -30,13 +30,11 @@ HEARTBEAT_S = 1.0
 
 
 class RedisDecodeWorker:
-    def __init__(self, backend: DecodeBackend, url: str, prefix: str, replica: str, claim_idle_s: float = 5.0,
-                 stream_ttl_s: float = 600.0) -> None:
+    def __init__(self, backend: DecodeBackend, url: str, prefix: str, replica: str, claim_idle_s: float = 5.0) -> None:
         self.backend = backend
         self.keys = RedisKeys(prefix)
         self.replica = replica
         self.claim_idle_ms = int(claim_idle_s * 1000)
-        self.stream_ttl_s = int(stream_ttl_s)
         self.redis = connect(url)
         self._in_flight: dict[str, bytes] = {}  # request id -> job entry id
         self._aborted: set[str] = set()  # aborted by their client: nobody reads their events
@@ -195,8 +193,9 @@ class RedisDecodeWorker:
                     self._aborted.discard(rid)
                 continue
             key = self.keys.tokens(rid)
-            pipe.xadd(key, {"event": event_to_proto(event, event.first_token_index).SerializeToString()})
-            pipe.expire(key, self.stream_ttl_s)
+            # NOMKSTREAM: a stream the prefill side already closed stays closed.
+            pipe.xadd(key, {"event": event_to_proto(event, event.first_token_index).SerializeToString()},
+                      nomkstream=True)
         pipe.execute()
 
     def _queue_cleanup(self, pipe: redis.client.Pipeline, entry_id: bytes, rid: str | None) -> None:

@@ -104,7 +104,7 @@ def _receiver(settings: ServeSettings, engine: DecodeEngine, loaded: LoadedModel
         from kv_transfer.redis_worker import RedisDecodeWorker
 
         worker = RedisDecodeWorker(engine, settings.redis_url, settings.redis_prefix, replica_name(settings),
-                                   settings.claim_idle_s, settings.kv_ttl_s)
+                                   settings.claim_idle_s)
         life.starts.append(worker.start)
         life.stops.append(worker.stop)
         life.checks.append(worker.readiness)
