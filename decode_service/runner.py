@@ -1,7 +1,7 @@
 """The decode runner: a slot KV cache and one batched, adapter-free decode step.
 
 KV memory is one contiguous cache `[layers, max_batch_size, kv_heads, capacity, head_dim]` (see
-docs/decode.md for why slots and not paged blocks on this CPU-first design). Its capacity grows in
+docs/design.md for why slots and not paged blocks on this CPU-first design). Its capacity grows in
 steps of CAPACITY_STEP positions as longer requests arrive, up to max_seq_len, so memory follows the
 longest running request rather than the model's whole context.
 """

@@ -1,6 +1,6 @@
 """Adapter configuration (`adapter_config.json`) and the tensor names and shapes each variant owns.
 
-Conventions (documented in docs/adapters.md):
+Conventions (documented in docs/design.md):
 * PA / PrAd-PA: parallel to the FFN, `y' = y + scale * m * ReLU(z @ down) @ up`, z the normed FFN
   input, `up` zero-initialised so a fresh adapter is the identity.
 * SA / PrAd-SA: sequential after the FFN, `y' = y + scale * m * ReLU(y @ down) @ up`.
