@@ -6,7 +6,6 @@ every prompt token and the first output token, sampled at prefill from the adapt
 
 from __future__ import annotations
 
-import enum
 import zlib
 from dataclasses import dataclass
 
@@ -46,14 +45,6 @@ class KVHandoff:
     layout: KVLayout  # shape/dtype of `kv`
     kv: torch.Tensor  # [layers, 2, kv_heads, length, head_dim]
     checksum: int | None = None  # crc32 of the KV bytes on the wire; None in-process (no copy made)
-
-
-class KVPoll(enum.Enum):
-    """Where a handoff stands, seen from the sender."""
-
-    SENDING = "sending"
-    ADMITTED = "admitted"
-    FAILED = "failed"
 
 
 def kv_checksum(kv: torch.Tensor) -> int:

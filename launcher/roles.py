@@ -139,7 +139,7 @@ def _front_door(settings: ServeSettings, loaded: LoadedModel, sender: KVSender, 
                          metrics.adapter_event)
     for task, error in cache.validate_all().items():
         log.error("task %s will not be served: %s", task, error)
-    service = PrefillService(loaded, cache, prefill, sender, _max_seq_len(settings, loaded),
+    service = PrefillService(loaded, cache, prefill, _max_seq_len(settings, loaded),
                              settings.request_timeout_s, metrics)
     life.starts.append(prefill.start)
     life.stops.append(prefill.stop)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from adapters_store.base import UnknownTaskError
-from kv_transfer.base import KVSender, TokenEvent
+from kv_transfer.base import TokenEvent
 from prad.adapters import Adapter, AdapterError
 from prad.errors import QueueFullError
 from prad.loading import LoadedModel
@@ -51,13 +51,12 @@ class PreparedRequest:
 
 
 class PrefillService:
-    def __init__(self, loaded: LoadedModel, adapters: AdapterCache, engine: PrefillEngine, sender: KVSender,
+    def __init__(self, loaded: LoadedModel, adapters: AdapterCache, engine: PrefillEngine,
                  max_seq_len: int, request_timeout_s: float, metrics: Metrics | None = None) -> None:
         self.loaded = loaded
         self.metrics = metrics or Metrics()
         self.adapters = adapters
         self.engine = engine
-        self.sender = sender
         self.max_seq_len = min(max_seq_len, loaded.config.max_position_embeddings)
         self.request_timeout_s = request_timeout_s
 
