@@ -80,7 +80,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import tempfile
 import threading
 import time
@@ -107,6 +106,7 @@ from bench.common import (
     setup_threads,
     write_json,
 )
+from launcher.local import free_port
 from launcher.roles import build_app
 from launcher.settings import ServeSettings
 from prad.adapters import Adapter, AdapterConfig, RowAdapters, save_adapter
@@ -245,12 +245,6 @@ class ArmResult:
 
 
 # --- PrAd Serve over HTTP ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

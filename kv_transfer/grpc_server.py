@@ -173,7 +173,9 @@ class GrpcDecodeServer:
         interceptors = [SecretInterceptor(self.servicer.secret)] if self.servicer.secret else []
         self._server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_DecodeServiceServicer_to_server(self.servicer, self._server)
-        if self.tls and self.tls.cert and self.tls.key:
+        if self.tls is not None:
+            if not (self.tls.cert and self.tls.key):
+                raise ValueError("gRPC TLS server needs a certificate and its private key")
             with open(self.tls.key, "rb") as k, open(self.tls.cert, "rb") as c:
                 creds = grpc.ssl_server_credentials([(k.read(), c.read())])
             self.port = self._server.add_secure_port(self.address, creds)

@@ -68,10 +68,27 @@ def _max_seq_len(settings: ServeSettings, loaded: LoadedModel) -> int:
     return min(settings.max_seq_len, loaded.config.max_position_embeddings)
 
 
-def _tls(settings: ServeSettings) -> TLSFiles | None:
-    if not (settings.grpc_tls_cert or settings.grpc_tls_ca):
-        return None
-    return TLSFiles(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_ca)
+def _tls(settings: ServeSettings, side: str) -> TLSFiles | None:
+    """The TLS files for the gRPC `side` ("server": decode, "client": prefill), or None for plaintext.
+
+    A half-configured TLS setting is an error, never a silent fall-back to plaintext.
+    """
+    tls = TLSFiles(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_ca)
+    problem = tls_problem(tls, side)
+    if problem:
+        raise ValueError(problem)
+    wanted = (tls.cert or tls.key) if side == "server" else tls.ca
+    return tls if wanted else None
+
+
+def tls_problem(tls: TLSFiles, side: str) -> str | None:
+    """Why these TLS files cannot secure the `side` of the gRPC link, or None when they can."""
+    if side == "server" and bool(tls.cert) != bool(tls.key):
+        return "decode TLS needs both --grpc-tls-cert and --grpc-tls-key (PRAD_GRPC_TLS_CERT/_KEY)"
+    if side == "client" and (tls.cert or tls.key) and not tls.ca:
+        return ("prefill TLS needs --grpc-tls-ca (the CA that signed decode's certificate); "
+                "--grpc-tls-cert/--grpc-tls-key are decode's own files")
+    return None
 
 
 def replica_name(settings: ServeSettings) -> str:
@@ -97,7 +114,7 @@ def _receiver(settings: ServeSettings, engine: DecodeEngine, loaded: LoadedModel
                                   num_waiting=stats["num_waiting"])
 
         server = GrpcDecodeServer(DecodeServicer(engine, health, settings.grpc_secret), settings.grpc_host,
-                                  settings.grpc_port, _tls(settings))
+                                  settings.grpc_port, _tls(settings, "server"))
         life.starts.append(server.start)
         life.stops.append(server.stop)
     elif settings.transport == "redis":
@@ -114,7 +131,8 @@ def make_sender(settings: ServeSettings) -> KVSender:
     if settings.transport == "grpc":
         from kv_transfer.grpc_client import GrpcSender
 
-        return GrpcSender(settings.decode_addr, settings.grpc_secret, _tls(settings), settings.request_timeout_s)
+        return GrpcSender(settings.decode_addr, settings.grpc_secret, _tls(settings, "client"),
+                          settings.request_timeout_s)
     if settings.transport == "redis":
         from kv_transfer.redis_sender import RedisSender
 

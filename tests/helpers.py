@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -12,6 +11,7 @@ import httpx
 import torch
 import uvicorn
 
+from launcher.local import free_port
 from prad.adapters import Adapter, AdapterConfig
 from prad.adapters.io import init_tensors, save_adapter
 from prad.config import ModelConfig
@@ -51,12 +51,6 @@ def write_adapter(root: Path, task: str, variant: str, model: ModelConfig, finge
     config = AdapterConfig(variant=variant, rank=rank, base_model_fingerprint=fingerprint, prompt_template=template)
     save_adapter(root / task, config, init_tensors(config, model, seed, scale))
     return root / task
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

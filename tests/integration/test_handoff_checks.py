@@ -13,12 +13,13 @@ import torch
 from decode_service.engine import DecodeConfig, DecodeEngine
 from kv_transfer.base import TokenEvent
 from kv_transfer.grpc_client import GrpcSender
-from kv_transfer.grpc_server import DecodeServicer, GrpcDecodeServer
+from kv_transfer.grpc_server import DecodeServicer, GrpcDecodeServer, TLSFiles
 from kv_transfer.handoff import KVHandoff, KVLayout
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from prad.sampling import SamplingParams
 from prefill_service.runner import ChunkInput, PrefillRunner
 from tests.redis_fixture import running_redis
+from tests.tls import make_tls_files
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,49 @@ def test_grpc_corrupted_bytes_refused(grpc_sender: GrpcSender, smollm2, engine: 
     final = _collect(grpc_sender.send, _handoff(smollm2, "crc-1"))[-1]
     assert final.error_status == 502 and "checksum mismatch" in (final.error or "")
     assert engine.stats()["num_running"] == 0 and engine.stats()["num_waiting"] == 0  # nothing half-admitted
+
+
+def _tokens(events: list[TokenEvent]) -> list[int]:
+    return [t for e in events for t in e.token_ids]
+
+
+def test_grpc_over_tls_decodes_and_refuses_plaintext_or_foreign_ca(grpc_sender: GrpcSender, engine: DecodeEngine,
+                                                                    smollm2, tmp_path) -> None:
+    files = make_tls_files(tmp_path / "tls")
+    other_ca = make_tls_files(tmp_path / "other", ca_name="someone-else").ca
+    server = GrpcDecodeServer(DecodeServicer(engine, lambda: pb.HealthReply(), None), "127.0.0.1", 0,
+                              TLSFiles(str(files.cert), str(files.key)))
+    server.start()
+    address = f"127.0.0.1:{server.port}"
+    senders = {name: GrpcSender(address, tls=tls, timeout_s=20) for name, tls in
+               (("tls", TLSFiles(ca=str(files.ca))), ("plain", None), ("foreign", TLSFiles(ca=str(other_ca))))}
+    try:
+        assert senders["tls"].is_ready() == (True, "ok")
+        over_tls = _collect(senders["tls"].send, _handoff(smollm2, "tls-1"))
+        assert over_tls[-1].finish_reason == "length"
+        assert _tokens(over_tls) == _tokens(_collect(grpc_sender.send, _handoff(smollm2, "plain-1")))
+        for name in ("plain", "foreign"):
+            ready, why = senders[name].is_ready()
+            assert not ready and address in why
+            final = _collect(senders[name].send, _handoff(smollm2, f"{name}-1"), timeout_s=30)[-1]
+            assert final.finish_reason == "error" and final.error_status == 503, (name, final)
+        assert engine.stats()["num_running"] == 0 and engine.stats()["num_waiting"] == 0
+    finally:
+        for sender in senders.values():
+            sender.close()
+        server.stop()
+
+
+def test_half_configured_tls_is_refused_not_plaintext(tmp_path) -> None:
+    from launcher.roles import tls_problem
+
+    assert tls_problem(TLSFiles(cert="c.pem"), "server") and tls_problem(TLSFiles(key="k.pem"), "server")
+    assert "--grpc-tls-ca" in (tls_problem(TLSFiles(cert="c.pem", key="k.pem"), "client") or "")
+    assert tls_problem(TLSFiles("c.pem", "k.pem"), "server") is None
+    assert tls_problem(TLSFiles(ca="ca.pem"), "client") is None and tls_problem(TLSFiles(), "client") is None
+    with pytest.raises(ValueError, match="certificate and its private key"):
+        GrpcDecodeServer(DecodeServicer(None, lambda: pb.HealthReply(), None), "127.0.0.1", 0,  # type: ignore[arg-type]
+                         TLSFiles(cert="c.pem")).start()
 
 
 def test_redis_corrupted_and_foreign_refused_and_nothing_left(engine: DecodeEngine, smollm2, tmp_path,
