@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
-ADAPTERS ?= var/adapters
+ADAPTERS ?= examples/adapters
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install serve test lint demo-adapters bench bench-multitask clean
+.PHONY: install serve test lint bench bench-multitask bench-transfer clean
 
 install: $(STAMP)
 
@@ -25,17 +25,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/prad model prepare
 	touch $(STAMP)
 
-serve: install demo-adapters
+# Serves the example task adapters committed in examples/adapters (sst2, e2e, multi30k; trained with
+# `prad train`, see docs/training.md) next to `base`. ADAPTERS=DIR serves another folder.
+serve: install
 	$(BIN)/prad serve --host $(HOST) --port $(PORT) --adapters $(ADAPTERS)
-
-# Two randomly initialised demo tasks (fixed seeds), so a fresh server answers more than `base`.
-# They are stand-ins for trained adapters: same format, same serving path, no task skill.
-demo-adapters: install
-	@mkdir -p $(ADAPTERS)
-	test -f $(ADAPTERS)/demo-lora/adapter.safetensors || \
-	  $(BIN)/prad adapters init --variant prad-lora --rank 8 --seed 2 --scale 0.3 $(ADAPTERS)/demo-lora
-	test -f $(ADAPTERS)/demo-pa/adapter.safetensors || \
-	  $(BIN)/prad adapters init --variant prad-pa --rank 8 --seed 3 --scale 0.6 $(ADAPTERS)/demo-pa
 
 test: install
 	$(BIN)/ruff check .
@@ -51,7 +44,12 @@ lint: install
 bench: install
 	$(BIN)/python -m bench.decode $(DECODE_ARGS)
 	$(BIN)/python -m bench.prefill $(PREFILL_ARGS)
+	$(BIN)/python -m bench.transfer $(TRANSFER_ARGS)
 	$(BIN)/python -m bench.multitask --preset make $(MULTITASK_ARGS)
+
+# KV handoff cost: TTFT and e2e latency through inproc, gRPC and Redis stacks run as local processes.
+bench-transfer: install
+	$(BIN)/python -m bench.transfer $(TRANSFER_ARGS)
 
 # Multi-task end to end (PrAd Serve vs per-task and mixed-batch LoRA, PEFT, the base model). The `make`
 # preset (~20-30 min on 2 idle cores) differs from the paper's setting: 16-token prompts, 16 generated

@@ -26,11 +26,12 @@ CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_b
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-def setup_threads() -> int:
-    """Use every core this process may run on (the benchmarks assume nothing else heavy is running)."""
+def setup_threads(threads: int | None = None) -> int:
+    """Use `threads` torch threads, by default every core this process may run on (the benchmarks then
+    assume nothing else heavy is running; pass fewer to leave cores to other work)."""
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         print(f"warning: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')!r}, expected PASSIVE", file=sys.stderr)
-    cores = len(os.sched_getaffinity(0))
+    cores = threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
     return cores
 
@@ -57,6 +58,7 @@ def add_common_args(parser: argparse.ArgumentParser, default_dtypes: str) -> Non
     parser.add_argument("--rank", type=int, default=8, help="adapter rank, bottleneck width or LoRA rank (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed for prompts and adapter weights (default 0)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
 
 
 def cpu_model() -> str:

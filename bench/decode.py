@@ -287,7 +287,7 @@ def plot(results: list[BatchResult], path: Path, ref_rows: int, tasks: int) -> N
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    setup_threads()
+    setup_threads(args.threads)
     machine = machine_info(args.dtypes)
     results: list[BatchResult] = []
     references: dict[str, Any] = {}

@@ -923,7 +923,7 @@ def _describe(differs: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    setup_threads()
+    setup_threads(args.threads)
     machine = machine_info(args.dtypes)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     differs = {k: {"paper": PAPER[k], "this run": settings[k]} for k in PAPER if settings[k] != PAPER[k]}

@@ -14,7 +14,7 @@ import time
 import grpc
 
 from kv_transfer.base import EventSink, KVSender, TokenEvent
-from kv_transfer.grpc_server import MAX_MESSAGE_BYTES, SECRET_HEADER, TLSFiles
+from kv_transfer.grpc_server import CHANNEL_OPTIONS, SECRET_HEADER, TLSFiles
 from kv_transfer.handoff import KVHandoff
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.protos import kv_handoff_pb2_grpc as pb_grpc
@@ -41,8 +41,7 @@ class GrpcSender(KVSender):
         self._stub = pb_grpc.DecodeServiceStub(self._channel)
 
     async def _open(self) -> grpc.aio.Channel:
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        options = CHANNEL_OPTIONS
         if self.tls and self.tls.ca:
             with open(self.tls.ca, "rb") as f:
                 creds = grpc.ssl_channel_credentials(root_certificates=f.read())

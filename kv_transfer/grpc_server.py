@@ -19,12 +19,17 @@ from kv_transfer.base import DecodeBackend, TokenEvent
 from kv_transfer.handoff import HandoffError
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.protos import kv_handoff_pb2_grpc as pb_grpc
-from kv_transfer.wire import event_to_proto, handoff_from_proto, parse_header
+from kv_transfer.wire import event_to_proto, handoff_from_proto, kv_checksum, parse_header
 from prad.errors import QueueFullError
 
 log = logging.getLogger(__name__)
 SECRET_HEADER = "x-prad-secret"
 MAX_MESSAGE_BYTES = 8 << 20
+# Both ends: messages up to 8 MiB (KV chunks are 4 MiB) and a 16 MiB HTTP/2 stream window, so a KV
+# handoff is not paced by window updates from a 64 KiB start.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.http2.lookahead_bytes", 16 << 20)]
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         await context.send_initial_metadata(())  # tells the client the call was accepted: send the KV
         requests = request_iterator.__aiter__()
         try:
-            header, data = await _read_handoff(requests)
+            header, data, crc = await _read_handoff(requests)
         except HandoffError as e:
             yield _error("", str(e), 502)
             return
@@ -88,7 +93,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         def sink(event: TokenEvent) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        refusal = await loop.run_in_executor(None, self._submit, header, data, sink)
+        refusal = await loop.run_in_executor(None, self._submit, header, data, crc, sink)
         if refusal is not None:
             yield refusal
             return
@@ -104,11 +109,11 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             if not finished:
                 self.backend.abort(header.request_id)
 
-    def _submit(self, header: pb.HandoffHeader, data: bytearray, sink: Callable[[TokenEvent], None]) -> \
+    def _submit(self, header: pb.HandoffHeader, data: bytearray, crc: int, sink: Callable[[TokenEvent], None]) -> \
             pb.TokenEvent | None:
         """Admit the handoff; an error event when refused (nothing half-admitted)."""
         try:
-            self.backend.submit(handoff_from_proto(header, data), sink)
+            self.backend.submit(handoff_from_proto(header, data, crc), sink)
         except HandoffError as e:
             return _error(header.request_id, f"decode refused the KV handoff: {e}", 502)
         except QueueFullError as e:
@@ -118,15 +123,17 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         return None
 
 
-async def _read_handoff(requests: AsyncIterator[pb.DecodeRequest]) -> tuple[pb.HandoffHeader | None, bytearray]:
+async def _read_handoff(requests: AsyncIterator[pb.DecodeRequest]) -> \
+        tuple[pb.HandoffHeader | None, bytearray, int]:
     data = bytearray()
     try:
         first = await requests.__anext__()
     except StopAsyncIteration:
-        return None, data
+        return None, data, 0
     if first.WhichOneof("kind") != "header":
         raise HandoffError("the stream must start with a handoff header")
     header = parse_header(first.header.SerializeToString())
+    crc = 0
     while len(data) < header.num_kv_bytes:
         try:
             msg = await requests.__anext__()
@@ -134,13 +141,15 @@ async def _read_handoff(requests: AsyncIterator[pb.DecodeRequest]) -> tuple[pb.H
             raise HandoffError(f"stream ended after {len(data)} of {header.num_kv_bytes} KV bytes") from None
         kind = msg.WhichOneof("kind")
         if kind == "cancel":
-            return None, data
+            return None, data, 0
         if kind != "chunk":
             raise HandoffError(f"unexpected {kind!r} message while receiving KV")
-        data += msg.chunk.data
+        piece = msg.chunk.data
+        crc = kv_checksum(piece, crc)  # checked as it arrives: no second pass over the KV
+        data += piece
     if len(data) != header.num_kv_bytes:
         raise HandoffError(f"received {len(data)} KV bytes, header announced {header.num_kv_bytes}")
-    return header, data
+    return header, data, crc
 
 
 async def _watch_cancel(requests: AsyncIterator[pb.DecodeRequest], abort: Callable[[], None]) -> None:
@@ -168,10 +177,8 @@ class GrpcDecodeServer:
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
 
     async def _start(self) -> None:
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         interceptors = [SecretInterceptor(self.servicer.secret)] if self.servicer.secret else []
-        self._server = grpc.aio.server(options=options, interceptors=interceptors)
+        self._server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
         pb_grpc.add_DecodeServiceServicer_to_server(self.servicer, self._server)
         if self.tls is not None:
             if not (self.tls.cert and self.tls.key):

@@ -6,7 +6,6 @@ every prompt token and the first output token, sampled at prefill from the adapt
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,7 @@ from prad.sampling import SamplingParams
 
 
 class HandoffError(ValueError):
-    """A handoff the receiver refuses (fingerprint, layout or checksum mismatch)."""
+    """A handoff the receiver refuses (fingerprint, layout, size or checksum mismatch)."""
 
 
 @dataclass(frozen=True)
@@ -44,15 +43,6 @@ class KVHandoff:
     deadline_s: float | None  # absolute time.time() after which decode aborts the request
     layout: KVLayout  # shape/dtype of `kv`
     kv: torch.Tensor  # [layers, 2, kv_heads, length, head_dim]
-    checksum: int | None = None  # crc32 of the KV bytes on the wire; None in-process (no copy made)
-
-
-def kv_checksum(kv: torch.Tensor) -> int:
-    """crc32 over the tensor's raw bytes (bf16 viewed as int16: numpy has no bf16)."""
-    flat = kv.detach().contiguous().cpu()
-    if flat.dtype == torch.bfloat16:
-        flat = flat.view(torch.int16)
-    return zlib.crc32(flat.numpy().tobytes())
 
 
 def check_handoff(handoff: KVHandoff, fingerprint: str, expected: KVLayout) -> None:
@@ -67,5 +57,3 @@ def check_handoff(handoff: KVHandoff, fingerprint: str, expected: KVLayout) -> N
                                f"{getattr(expected, name)}")
     if got.length != len(handoff.prompt_token_ids) or tuple(handoff.kv.shape) != got.shape:
         raise HandoffError(f"KV shape {list(handoff.kv.shape)} does not match layout {list(got.shape)}")
-    if handoff.checksum is not None and kv_checksum(handoff.kv) != handoff.checksum:
-        raise HandoffError("KV checksum mismatch: the KV bytes were corrupted in transfer")

@@ -173,7 +173,8 @@ def test_redis_corrupted_and_foreign_refused_and_nothing_left(engine: DecodeEngi
 
 
 def test_wire_roundtrip_fp32_and_bf16() -> None:
-    from kv_transfer.wire import handoff_from_proto, header_to_proto, kv_to_bytes, parse_header
+    from kv_transfer.handoff import HandoffError
+    from kv_transfer.wire import handoff_from_proto, header_to_proto, kv_checksum, kv_to_bytes, parse_header
 
     for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
         kv = torch.randn(2, 2, 3, 5, 4).to(dtype)
@@ -181,8 +182,12 @@ def test_wire_roundtrip_fp32_and_bf16() -> None:
         h = KVHandoff("r", "t", "v", "fp", [1, 2, 3, 4, 5], 9, SamplingParams(7, 0.5, 0.9, 3, 11, ("x",), True),
                       123.0, layout, kv)
         data = kv_to_bytes(kv)
-        header = parse_header(header_to_proto(h, len(data), 0).SerializeToString())
+        header = parse_header(header_to_proto(h, len(data), kv_checksum(data)).SerializeToString())
         back = handoff_from_proto(header, data)
+        halves = kv_checksum(data[len(data) // 2:], kv_checksum(data[:len(data) // 2]))
+        assert torch.equal(handoff_from_proto(header, bytearray(data), halves).kv, kv)  # checked while receiving
+        with pytest.raises(HandoffError, match="checksum mismatch"):
+            handoff_from_proto(header, data[:-1] + bytes([data[-1] ^ 1]))
         assert torch.equal(back.kv, kv) and back.kv.dtype == dtype
         assert back.sampling == h.sampling and back.prompt_token_ids == h.prompt_token_ids
         assert back.deadline_s == 123.0 and back.first_token_id == 9
