@@ -11,6 +11,10 @@ Conditions, one row each:
 * mixed xT (T = the largest of --tasks): task t is prad-pa, prad-sa or prad-lora (targets q, v) for
   t mod 3 = 0, 1, 2, of rank `--rank` for even t and 2 * rank for odd t (so ranks are zero-padded).
 
+Adapter application strategy (`--strategies`, default gather,segment; see prad/adapters/hooks.py):
+every row with T > 1 is measured once per strategy, named e.g. "prad-pa x64 segment" (T = 1 uses the
+shared weights in both, so it is measured once). The server uses "gather"; this is the A/B behind it.
+
 Adapters are random and non-identity (init_tensors with up_std 0.05), in the model's dtype, as the
 adapter cache holds them. tokens/s = prompt tokens / wall seconds of all `run` calls of the batch
 (building the padded batch, the per-row adapter hooks, the forward, extracting each row's KV).
@@ -45,6 +49,7 @@ from bench.common import (
     write_json,
 )
 from prad.adapters import Adapter
+from prad.adapters.hooks import STRATEGIES
 from prad.loading import LoadedModel
 from prefill_service.runner import ChunkInput, PrefillRunner
 
@@ -59,6 +64,7 @@ class Condition:
     num_tasks: int  # distinct adapters (0 = base model)
     variants: str  # e.g. "prad-pa" or "prad-pa,prad-sa,prad-lora"
     row_adapters: list[Adapter | None]
+    strategy: str = "gather"
 
 
 @dataclass
@@ -67,6 +73,7 @@ class ConditionResult:
     name: str
     num_tasks: int
     variants: str
+    strategy: str
     tokens: int  # prompt tokens per run
     calls: int  # PrefillRunner.run calls per run (sub-batches under the token budget)
     tokens_per_s: float  # median
@@ -82,12 +89,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=parse_ints, default=parse_ints("1,8,16,64"),
                         help="comma-separated task counts for the prad-pa rows (default 1,8,16,64)")
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-variant row")
+    parser.add_argument("--strategies", type=parse_strategies, default=list(STRATEGIES),
+                        help=f"adapter application strategies to compare (default {','.join(STRATEGIES)})")
     parser.add_argument("--max-prefill-tokens", type=int, default=4096,
                         help="prompt tokens per PrefillRunner.run call (default 4096: one call for 64x64)")
     parser.add_argument("--warmup-rows", type=int, default=8,
                         help="prompts in each condition's untimed warm-up (default 8)")
     add_common_args(parser, default_dtypes="float32")
     return parser.parse_args(argv)
+
+
+def parse_strategies(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown strategy {unknown}; choose from {', '.join(STRATEGIES)}")
+    return names
 
 
 def split_by_budget(prompts: list[list[int]], budget: int) -> list[range]:
@@ -107,13 +124,19 @@ def build_conditions(loaded: LoadedModel, args: argparse.Namespace) -> list[Cond
     rows, most = args.prompts, max(args.tasks)
     pa = [make_adapter(loaded, "prad-pa", args.rank, args.seed + t) for t in range(most)]
     conditions = [Condition("base", 0, "-", [None] * rows)]
+    named = len(args.strategies) > 1
+
+    def add(name: str, tasks: int, variants: str, row_adapters: list[Adapter | None]) -> None:
+        for strategy in args.strategies[:1] if tasks == 1 else args.strategies:
+            label = f"{name} {strategy}" if named and tasks > 1 else name
+            conditions.append(Condition(label, tasks, variants, row_adapters, strategy))
+
     for t in args.tasks:
-        conditions.append(Condition(f"prad-pa x{t}", t, "prad-pa", [pa[i % t] for i in range(rows)]))
+        add(f"prad-pa x{t}", t, "prad-pa", [pa[i % t] for i in range(rows)])
     if not args.no_mixed:
         mixed = [make_adapter(loaded, MIXED_VARIANTS[t % 3], args.rank * (1 + t % 2), args.seed + 1000 + t)
                  for t in range(most)]
-        conditions.append(Condition(f"mixed x{most}", most, ",".join(MIXED_VARIANTS),
-                                    [mixed[i % most] for i in range(rows)]))
+        add(f"mixed x{most}", most, ",".join(MIXED_VARIANTS), [mixed[i % most] for i in range(rows)])
     return conditions
 
 
@@ -124,18 +147,18 @@ def prefill_batch(runner: PrefillRunner, prompts: list[list[int]], adapters: lis
         runner.run([ChunkInput(prompts[i], 0, adapters[i], None) for i in group])
 
 
-def time_conditions(runner: PrefillRunner, prompts: list[list[int]], conditions: list[Condition],
+def time_conditions(runners: dict[str, PrefillRunner], prompts: list[list[int]], conditions: list[Condition],
                     groups: list[range], args: argparse.Namespace, dtype: str) -> dict[str, list[float]]:
     """tokens/s per condition, `repeats` runs each, conditions interleaved (order alternating)."""
     tokens = sum(len(p) for p in prompts)
     warm = [range(min(args.warmup_rows, len(prompts)))]
     for c in tqdm(conditions, desc=f"warm-up {dtype}", unit="cond", leave=False):
-        prefill_batch(runner, prompts, c.row_adapters, warm)
+        prefill_batch(runners[c.strategy], prompts, c.row_adapters, warm)
     runs: dict[str, list[float]] = {c.name: [] for c in conditions}
     with tqdm(total=args.repeats * len(conditions), desc=f"prefill {dtype}", unit="run") as bar:
         for rep in range(args.repeats):
             for c in conditions if rep % 2 == 0 else conditions[::-1]:
-                seconds = time_call(lambda c=c: prefill_batch(runner, prompts, c.row_adapters, groups))
+                seconds = time_call(lambda c=c: prefill_batch(runners[c.strategy], prompts, c.row_adapters, groups))
                 runs[c.name].append(tokens / seconds)
                 bar.update()
     return runs
@@ -147,7 +170,8 @@ def summarise(conditions: list[Condition], runs: dict[str, list[float]], dtype: 
     one_task = next((medians[c.name] for c in conditions if c.num_tasks == 1 and c.variants == "prad-pa"), None)
     base = medians.get("base")
     return [ConditionResult(
-        dtype=dtype, name=c.name, num_tasks=c.num_tasks, variants=c.variants, tokens=tokens, calls=calls,
+        dtype=dtype, name=c.name, num_tasks=c.num_tasks, variants=c.variants, strategy=c.strategy, tokens=tokens,
+        calls=calls,
         tokens_per_s=medians[c.name], tokens_per_s_runs=runs[c.name],
         vs_one_task=None if one_task is None else medians[c.name] / one_task,
         vs_base=None if base is None else medians[c.name] / base) for c in conditions]
@@ -158,7 +182,8 @@ def measure_dtype(dtype: str, args: argparse.Namespace) -> list[ConditionResult]
     prompts = random_prompts(args.prompts, args.prompt_len, loaded.config.vocab_size, args.seed)
     groups = split_by_budget(prompts, args.max_prefill_tokens)
     conditions = build_conditions(loaded, args)
-    runs = time_conditions(PrefillRunner(loaded.model), prompts, conditions, groups, args, dtype)
+    runners = {strategy: PrefillRunner(loaded.model, strategy) for strategy in STRATEGIES}
+    runs = time_conditions(runners, prompts, conditions, groups, args, dtype)
     return summarise(conditions, runs, dtype, sum(len(p) for p in prompts), len(groups))
 
 
@@ -177,7 +202,9 @@ def print_report(results: list[ConditionResult]) -> None:
 def bar_color(result: ConditionResult) -> str:
     if result.num_tasks == 0:
         return "tab:gray"
-    return "tab:blue" if result.variants == "prad-pa" else "tab:orange"
+    if result.variants == "prad-pa":
+        return "tab:blue" if result.strategy == "gather" or result.num_tasks == 1 else "tab:cyan"
+    return "tab:orange" if result.strategy == "gather" else "tab:olive"
 
 
 def plot(results: list[ConditionResult], path: Path) -> None:
@@ -206,7 +233,7 @@ def plot(results: list[ConditionResult], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    setup_threads()
+    setup_threads(args.threads)
     machine = machine_info(args.dtypes)
     results: list[ConditionResult] = []
     for dtype in args.dtypes:

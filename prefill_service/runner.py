@@ -25,8 +25,9 @@ class ChunkOutput:
 
 
 class PrefillRunner:
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, adapter_strategy: str = "gather") -> None:
         self.model = model
+        self.adapter_strategy = adapter_strategy  # see prad.adapters.hooks
 
     @torch.inference_mode()
     def run(self, chunks: list[ChunkInput]) -> list[ChunkOutput]:
@@ -48,7 +49,7 @@ class PrefillRunner:
                 kv.insert(i, c.past_kv)
         adapters = [c.adapter for c in chunks]
         hooks = None if all(a is None for a in adapters) else RowAdapters(
-            self.model.config, adapters, prompt_mask.to(device))
+            self.model.config, adapters, prompt_mask.to(device), self.adapter_strategy)
         logits = self.model.forward(ids.to(device), positions.to(device), kv, hooks,
                                     logit_index=torch.tensor(lengths, device=device) - 1)
         return [ChunkOutput(kv.extract(i, c.start + lengths[i]), logits[i])  # extract copies

@@ -1,9 +1,15 @@
 """Per-row adapter maths for one batch: rows may use different adapters, variants and ranks, or none.
 
-For each adapter family present in the batch, the distinct adapters' weights are stacked into a
-bank `[U, d_in, r_max]` per layer (ranks zero-padded, which adds exact zeros), gathered per row and
-applied with one batched matmul — no Python loop over rows. Each row's contribution is multiplied by
-its per-token mask (the PrAd prompt mask, times the row's scaling, zero for rows without that family).
+Two strategies, same result (bench/prefill.py --strategies measures both side by side):
+
+* "gather" (default): for each adapter family present in the batch, the distinct adapters' weights
+  are stacked into a bank `[U, d_in, r_max]` per layer (ranks zero-padded, which adds exact zeros),
+  gathered per row and applied with one batched matmul — no Python loop over rows.
+* "segment": rows are grouped by adapter; one pair of matmuls per distinct adapter on its rows
+  (index_select), results written back with index_copy — a Python loop over adapters, not rows.
+
+Each row's contribution is multiplied by its per-token mask (the PrAd prompt mask, times the row's
+scaling, zero for rows without that family).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import torch.nn.functional as F
 from prad.adapters.io import Adapter
 from prad.config import ModelConfig
 
+STRATEGIES = ("gather", "segment")
+
 
 @dataclass
 class _Family:
@@ -26,6 +34,8 @@ class _Family:
     mask: torch.Tensor  # [B, T, 1] prompt mask x scaling, 0 where the row has no such adapter
     rank: int  # r_max over `adapters`
     names: tuple[str, str]  # tensor names within a layer, e.g. ("pa.down", "pa.up")
+    rows: list[torch.Tensor]  # per distinct adapter: the batch rows that use it
+    strategy: str = "gather"
 
     def weights(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """down [d_in, r] or [B, d_in, r]; up [r, d_out] or [B, r, d_out] (shared when U == 1)."""
@@ -36,11 +46,30 @@ class _Family:
         return torch.stack(down).to(dtype)[self.row_index], torch.stack(up).to(dtype)[self.row_index]
 
     def apply(self, layer: int, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        if self.strategy == "segment" and len(self.adapters) > 1:
+            return self._apply_segments(layer, x, relu)
         down, up = self.weights(layer, x.dtype)
         hidden = torch.matmul(x, down)  # [B, T, r]
         if relu:
             hidden = F.relu(hidden)
         return torch.matmul(hidden, up) * self.mask.to(x.dtype)  # [B, T, d_out]
+
+
+    def _apply_segments(self, layer: int, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        """One down/up matmul pair per distinct adapter over the rows that use it."""
+        out: torch.Tensor | None = None
+        for adapter, rows in zip(self.adapters, self.rows, strict=True):
+            down = adapter.tensor(layer, self.names[0]).to(x.dtype)
+            up = adapter.tensor(layer, self.names[1]).to(x.dtype)
+            hidden = torch.matmul(x.index_select(0, rows), down)
+            if relu:
+                hidden = F.relu(hidden)
+            delta = torch.matmul(hidden, up) * self.mask.index_select(0, rows).to(x.dtype)
+            if out is None:
+                out = x.new_zeros(*x.shape[:-1], delta.shape[-1])
+            out = out.index_copy(0, rows, delta)
+        assert out is not None
+        return out
 
 
 def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -60,11 +89,14 @@ class RowAdapters:
     conventional (non-PrAd) variants pass ones: they apply to every token.
     """
 
-    def __init__(self, model: ModelConfig, adapters: list[Adapter | None], prompt_mask: torch.Tensor) -> None:
+    def __init__(self, model: ModelConfig, adapters: list[Adapter | None], prompt_mask: torch.Tensor,
+                 strategy: str = "gather") -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown adapter strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
         self.model = model
         self.families: dict[str, _Family] = {}
         for kind, names, scale_of in self._family_specs(adapters):
-            family = _build_family(adapters, prompt_mask, kind, names, scale_of)
+            family = _build_family(adapters, prompt_mask, kind, names, scale_of, strategy)
             if family is not None:
                 self.families[names[0]] = family
 
@@ -110,17 +142,17 @@ class RowAdapters:
 
 
 def _build_family(adapters: list[Adapter | None], prompt_mask: torch.Tensor, kind: str,
-                  names: tuple[str, str], scale_of) -> _Family | None:
+                  names: tuple[str, str], scale_of, strategy: str) -> _Family | None:
     kind_base = kind.split(":")[0]
     target = kind.split(":")[1] if ":" in kind else None
     distinct: dict[int, int] = {}
     members: list[Adapter] = []
-    row_index: list[int] = []
+    row_index: list[int] = []  # -1: the row has no adapter of this family
     row_scale: list[float] = []
     for a in adapters:
         uses = a is not None and a.config.kind == kind_base and (target is None or target in a.config.targets)
         if not uses:
-            row_index.append(0)
+            row_index.append(-1)
             row_scale.append(0.0)
             continue
         assert a is not None
@@ -135,4 +167,6 @@ def _build_family(adapters: list[Adapter | None], prompt_mask: torch.Tensor, kin
     scale = torch.tensor(row_scale, dtype=torch.float32, device=device)
     mask = (prompt_mask.float() * scale[:, None]).unsqueeze(-1)
     rank = max(a.config.rank for a in members)
-    return _Family(members, torch.tensor(row_index, device=device), mask, rank, names)
+    index = torch.tensor(row_index, device=device)
+    rows = [torch.nonzero(index == u).flatten() for u in range(len(members))]
+    return _Family(members, index.clamp(min=0), mask, rank, names, rows, strategy)

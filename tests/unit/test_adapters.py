@@ -26,9 +26,9 @@ def tiny(tmp_path_factory) -> Model:
     return Model(config, weights_from_tensors(config, read_tensors(path)))
 
 
-def _logits(model: Model, ids: torch.Tensor, adapters, mask: torch.Tensor) -> torch.Tensor:
+def _logits(model: Model, ids: torch.Tensor, adapters, mask: torch.Tensor, strategy: str = "gather") -> torch.Tensor:
     positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
-    hooks = RowAdapters(model.config, adapters, mask)
+    hooks = RowAdapters(model.config, adapters, mask, strategy)
     return model.forward(ids, positions, None, hooks)
 
 
@@ -42,7 +42,8 @@ def test_zero_init_adapter_is_identity_and_nonzero_changes_output(tiny: Model, v
     assert (_logits(tiny, ids, [changed], torch.ones(1, 9)) - base).abs().max() > 1e-3
 
 
-def test_mixed_batch_rows_equal_rows_alone(tiny: Model) -> None:
+@pytest.mark.parametrize("strategy", ["gather", "segment"])
+def test_mixed_batch_rows_equal_rows_alone(tiny: Model, strategy: str) -> None:
     """Rows of one batch with different variants, ranks, targets, or none == each row run alone."""
     adapters = [
         random_adapter("prad-pa", tiny.config, FP, 1, rank=4),
@@ -55,10 +56,16 @@ def test_mixed_batch_rows_equal_rows_alone(tiny: Model) -> None:
     adapters.append(adapters[0])  # the same adapter on two rows
     ids = torch.randint(2, 128, (len(adapters), 11), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(len(adapters), 11)
-    batched = _logits(tiny, ids, adapters, mask)
+    mask[1, 7:] = 0.0  # a PrAd prompt mask that ends early on one row
+    batched = _logits(tiny, ids, adapters, mask, strategy)
     for i, a in enumerate(adapters):
         alone = _logits(tiny, ids[i : i + 1], [a], mask[i : i + 1])
         assert torch.allclose(batched[i], alone[0], atol=1e-5), i
+
+
+def test_unknown_strategy_refused(tiny: Model) -> None:
+    with pytest.raises(ValueError, match="unknown adapter strategy"):
+        RowAdapters(tiny.config, [None], torch.ones(1, 2), "per-row")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
