@@ -82,6 +82,17 @@ class DecodeEngine(EngineLoop, DecodeBackend):
                 seq.is_abort_requested = True
                 self._lock.notify_all()
 
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no request is running or waiting (True), or `timeout_s` passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                if not self.scheduler.has_work():
+                    return True
+            if time.monotonic() >= deadline or not self.is_alive:
+                return False
+            time.sleep(0.05)
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,

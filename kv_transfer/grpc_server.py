@@ -191,8 +191,9 @@ class GrpcDecodeServer:
         await self._server.start()
         log.info("gRPC decode server on %s (port %d)", self.address, self.port)
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Refuse new calls at once; calls in flight (requests being decoded) get `grace_s` to finish."""
         if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(grace=2), self._loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace=grace_s), self._loop).result(timeout=grace_s + 10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)

@@ -41,6 +41,7 @@ class RedisDecodeWorker:
         self._lock = threading.Lock()
         self._outbox: queue.Queue[tuple[str, TokenEvent] | None] = queue.Queue()
         self._stopping = threading.Event()
+        self._draining = threading.Event()  # no new jobs; in-flight ones finish and stay claimed
         self._last_error = ""
         self._threads = [threading.Thread(target=self._jobs_loop, name="redis-jobs", daemon=True),
                          threading.Thread(target=self._publish_loop, name="redis-events", daemon=True),
@@ -49,6 +50,10 @@ class RedisDecodeWorker:
     def start(self) -> None:
         for t in self._threads:
             t.start()
+
+    def stop_intake(self) -> None:
+        """Drain: take no new jobs (nor other replicas' abandoned ones); in-flight jobs keep publishing."""
+        self._draining.set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -73,6 +78,9 @@ class RedisDecodeWorker:
                 if time.monotonic() >= next_beat:
                     self._heartbeat()
                     next_beat = time.monotonic() + HEARTBEAT_S
+                if self._draining.is_set():
+                    time.sleep(0.1)
+                    continue
                 self._read_jobs()
                 self._last_error = ""
             except redis.ResponseError as e:
@@ -120,6 +128,8 @@ class RedisDecodeWorker:
             mine = list(self._in_flight.values())
         if mine:  # keep our jobs from looking abandoned
             self.redis.xclaim(self.keys.jobs, GROUP, self.replica, 0, mine, justid=True)
+        if self._draining.is_set():
+            return
         reply = self.redis.xautoclaim(self.keys.jobs, GROUP, self.replica, self.claim_idle_ms, "0-0", count=16)
         claimed = reply[1]  # Redis 6.2 answers [next, entries]; 7.x adds the deleted ids
         for entry_id, fields in claimed:

@@ -116,15 +116,28 @@ def _receiver(settings: ServeSettings, engine: DecodeEngine, loaded: LoadedModel
         server = GrpcDecodeServer(DecodeServicer(engine, health, settings.grpc_secret), settings.grpc_host,
                                   settings.grpc_port, _tls(settings, "server"))
         life.starts.append(server.start)
-        life.stops.append(server.stop)
+        # shutdown drains: new calls refused at once, streams in flight finish within the drain timeout
+        life.stops.append(lambda: server.stop(grace_s=settings.drain_timeout_s))
     elif settings.transport == "redis":
         from kv_transfer.redis_worker import RedisDecodeWorker
 
         worker = RedisDecodeWorker(engine, settings.redis_url, settings.redis_prefix, replica_name(settings),
                                    settings.claim_idle_s)
         life.starts.append(worker.start)
+        # stops run last-added first: take no new jobs, let running ones finish, then stop publishing
         life.stops.append(worker.stop)
+        life.stops.append(lambda: _drain(engine, settings.drain_timeout_s))
+        life.stops.append(worker.stop_intake)
         life.checks.append(worker.readiness)
+
+
+def _drain(engine: DecodeEngine, timeout_s: float) -> None:
+    stats = engine.stats()
+    if stats["num_running"] or stats["num_waiting"]:
+        log.info("draining: %d running, %d waiting (up to %.0f s)", stats["num_running"], stats["num_waiting"],
+                 timeout_s)
+    if not engine.wait_idle(timeout_s):
+        log.warning("drain timeout: aborting %d request(s) still running", engine.stats()["num_running"])
 
 
 def make_sender(settings: ServeSettings) -> KVSender:

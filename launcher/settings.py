@@ -40,10 +40,12 @@ class ServeSettings(BaseSettings):
     max_waiting: int = Field(default=256, ge=1, description="queued requests per service before 429")
     max_loaded_adapters: int = Field(default=64, ge=1)
     request_timeout_s: float = Field(default=300.0, gt=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="decode: on shutdown (SIGTERM), finish "
+                                   "running requests for up to this long, taking no new ones, before aborting")
     threads: int | None = Field(default=None, ge=1, description="torch threads (default: free cores)")
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
-    api_key: str | None = Field(default=None, description="required as a bearer token on /v1/* when set")
+    api_key: str | None = Field(default=None, description="bearer token required on /generate, /tasks, /v1/*")
     admin_token: str | None = Field(default=None, description="bearer token for /admin; unset: no admin routes")
     store: Path | None = Field(default=None, description="versioned adapter store folder (default: a temp dir)")
     store_redis_url: str | None = Field(default=None, description="Redis index for a store shared by many nodes")

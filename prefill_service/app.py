@@ -29,12 +29,16 @@ def get_service(request: Request) -> PrefillService:
 ServiceDep = Annotated[PrefillService, Depends(get_service)]
 
 
+KEYED_PATHS = ("/v1/", "/generate", "/tasks")  # what --api-key protects
+
+
 def create_app(service: PrefillService, on_start: Callable[[], None] | None = None,
                on_stop: Callable[[], None] | None = None,
                readiness: Callable[[], dict[str, str]] | None = None, api_key: str | None = None,
                admin_router: APIRouter | None = None, max_admin_body_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """readiness() returns {component: problem} for what is not ready (empty = ready).
-    api_key, when set, is required as `Authorization: Bearer <key>` on /v1/*."""
+    api_key, when set, is required as `Authorization: Bearer <key>` on the serving API: /generate,
+    /tasks and /v1/* (probes and /metrics stay open; /admin has its own token)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,8 +74,11 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
         limit = max_admin_body_bytes if request.url.path.startswith("/admin/") else MAX_REQUEST_BYTES
         if length is not None and (not length.isdigit() or int(length) > limit):
             return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
-        if api_key and request.url.path.startswith("/v1/") and not _has_key(request, api_key):
-            return openai_error(401, "missing or invalid API key (Authorization: Bearer <key>)")
+        if api_key and request.url.path.startswith(KEYED_PATHS) and not _has_key(request, api_key):
+            message = "missing or invalid API key (Authorization: Bearer <key>)"
+            if request.url.path.startswith("/v1/"):
+                return openai_error(401, message)
+            return JSONResponse({"detail": message}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
     @app.get("/metrics")

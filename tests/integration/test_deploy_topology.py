@@ -84,9 +84,11 @@ def _metric(text: str, name: str, **labels: str) -> float:
                if sample.name == name and labels.items() <= sample.labels.items())
 
 
-def _generate(url: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _generate(url: str, bodies: list[dict[str, Any]], key: str | None = None) -> list[dict[str, Any]]:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+
     def post(body: dict[str, Any]) -> dict[str, Any]:
-        r = httpx.post(url + "/generate", json=body, timeout=120)
+        r = httpx.post(url + "/generate", json=body, timeout=120, headers=headers)
         assert r.status_code == 200, r.text
         return dict(r.json())
 
@@ -133,7 +135,8 @@ def test_compose_topology_serves_through_both_prefills(topology: tuple[dict[str,
     # the same greedy requests through both front doors at once: identical tokens and adapter versions,
     # and the same tokens as the embedded server (in-process transport) gives
     with ThreadPoolExecutor(2) as pool:
-        results = dict(zip(PREFILLS, pool.map(lambda n: _generate(processes[n].url, BODIES), PREFILLS), strict=True))
+        outputs = pool.map(lambda n: _generate(processes[n].url, BODIES, env[n]["PRAD_API_KEY"]), PREFILLS)
+        results = dict(zip(PREFILLS, outputs, strict=True))
     expected = _generate(server, BODIES)
     for a, b, want, body in zip(results["prefill-a"], results["prefill-b"], expected, BODIES, strict=True):
         assert a["token_ids"] and a["token_ids"] == b["token_ids"] == want["token_ids"], body
@@ -144,15 +147,16 @@ def test_compose_topology_serves_through_both_prefills(topology: tuple[dict[str,
 
     # streaming through Redis gives the same tokens
     with httpx.stream("POST", processes["prefill-b"].url + "/generate", json={**BODIES[1], "stream": True},
-                      timeout=120) as r:
+                      timeout=120, headers={"authorization": f"Bearer {env['prefill-b']['PRAD_API_KEY']}"}) as r:
         streamed = [t for line in r.iter_lines() if line.startswith("data: ")
                     for t in json.loads(line.removeprefix("data: "))["token_ids"]]
     assert streamed == results["prefill-b"][1]["token_ids"]
 
-    # the compose API key guards /v1/* on each front door
+    # the compose API key guards /generate, /tasks and /v1/* on each front door
     for name in PREFILLS:
         url, key = processes[name].url, env[name]["PRAD_API_KEY"]
         assert httpx.get(url + "/v1/models").status_code == 401, name
+        assert httpx.post(url + "/generate", json=BODIES[0]).status_code == 401, name
         assert httpx.get(url + "/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200, name
 
     # metrics on every process: each prefill handed its own KV over Redis and counted its requests

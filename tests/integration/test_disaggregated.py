@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -151,3 +152,54 @@ def test_redis_restart_fails_in_flight_cleanly_and_recovers(adapters_dir: Path, 
         prefill.wait("/readyz", 60)
         ok = httpx.post(prefill.url + "/generate", json={**body, "max_new_tokens": 4}, timeout=120)
         assert ok.status_code == 200, ok.text
+
+
+def _stream_tokens(url: str, body: dict, first_token: list[float]) -> tuple[list[int], str | None]:
+    """Stream one request; records when its first token came in `first_token`."""
+    tokens, reason = [], None
+    with httpx.stream("POST", url + "/generate", json={**body, "stream": True}, timeout=180) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                if event["token_ids"] and not first_token:
+                    first_token.append(time.time())
+                tokens += event["token_ids"]
+                reason = event.get("finish_reason") or reason
+    return tokens, reason
+
+
+@pytest.mark.parametrize("transport", ["grpc", "redis"])
+def test_sigterm_drains_decode_running_requests_finish(transport: str, adapters_dir: Path, tmp_path) -> None:
+    """SIGTERM to decode mid-stream: the running request (several seconds of decoding, longer than
+    gRPC's old 2 s stop grace) still gets every token, and the process then exits by itself."""
+    body = {"task": "pa-task", "prompt": "Once upon a time", "max_new_tokens": 120, "ignore_eos": True}
+    with ExitStack() as stack:
+        if transport == "grpc":
+            port = free_port()
+            link = ["--transport", "grpc"]
+            decode_args, prefill_args = ["--grpc-port", str(port)], ["--decode-addr", f"127.0.0.1:{port}"]
+        else:
+            rs = stack.enter_context(running_redis(tmp_path / "redis"))
+            link, decode_args, prefill_args = _redis_args(rs.url), [], []
+        decode = ServeProcess(["--role", "decode", *link, *decode_args], tmp_path, f"decode-{transport}")
+        stack.callback(decode.stop)
+        decode.start()
+        prefill = ServeProcess(["--role", "prefill", *link, *prefill_args, "--adapters", str(adapters_dir)], tmp_path,
+                               f"prefill-{transport}")
+        stack.callback(prefill.stop)
+        prefill.start()
+        expected = httpx.post(prefill.url + "/generate", json=body, timeout=180).json()["token_ids"]
+
+        first_token: list[float] = []
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(_stream_tokens, prefill.url, body, first_token)
+            deadline = time.time() + 60
+            while not first_token and time.time() < deadline:
+                time.sleep(0.02)
+            assert decode.process is not None
+            decode.process.terminate()  # SIGTERM, as an orchestrator stopping the replica sends
+            tokens, reason = running.result(timeout=120)
+        assert reason == "length" and tokens == expected  # finished on the draining replica, nothing lost
+        # uvicorn re-raises the signal once its graceful shutdown is done: -SIGTERM, not a SIGKILL
+        assert decode.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "draining" in decode.log_tail() or transport == "grpc"

@@ -29,7 +29,7 @@ def served(smollm2, tmp_path_factory):
 
 
 def _generate(url: str, **body) -> dict:
-    r = httpx.post(url + "/generate", json=body, timeout=120)
+    r = httpx.post(url + "/generate", json=body, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -79,6 +79,13 @@ def test_models_errors_and_api_key(served: str) -> None:
         _client(served, key="wrong").models.list()
     r = httpx.get(served + "/v1/models")
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    for path, call in (("/generate", httpx.post), ("/tasks", httpx.get)):
+        kwargs = {"json": {"task": "base", "prompt": "hi"}} if call is httpx.post else {}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = call(served + path, headers=headers, timeout=30, **kwargs)
+            assert r.status_code == 401 and "API key" in r.json()["detail"], (path, headers)
+    assert httpx.get(served + "/healthz").status_code == 200  # probes and metrics stay open
+    assert httpx.get(served + "/metrics").status_code == 200
 
 
 def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
