@@ -15,6 +15,7 @@ from launcher.settings import ServeSettings
 from tests.helpers import running_server, write_adapter
 
 API_KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def served(smollm2, tmp_path_factory):
 
 
 def _generate(url: str, **body) -> dict:
-    r = httpx.post(url + "/generate", json=body, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"})
+    r = httpx.post(url + "/generate", json=body, timeout=120, headers=AUTH)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -106,7 +107,7 @@ def test_metrics_count_what_was_sent_and_cap_task_labels(served: str) -> None:
     for task in ("alpha", "beta", "gamma", "delta", "base"):
         _generate(served, task=task, prompt="Hello there", max_new_tokens=5, ignore_eos=True)
     _generate(served, task="gamma", prompt="Hello there", max_new_tokens=3, ignore_eos=True)
-    assert httpx.post(served + "/generate", json={"task": "nope", "prompt": "x"}).status_code == 404
+    assert httpx.post(served + "/generate", json={"task": "nope", "prompt": "x"}, headers=AUTH).status_code == 404
     after = _samples(served)
 
     def delta(name: str, **labels: str) -> float:
