@@ -181,6 +181,19 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join([line, sep, *("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in body)])
 
 
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's arguments as JSON-ready values (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def save_results(out_dir: Path, name: str, payload: dict[str, Any], draw: Callable[[Path], None]) -> None:
+    """`name`.json from `payload` and `name`.png drawn by `draw(path)`, both in `out_dir`."""
+    json_path = write_json(out_dir, name, payload)
+    png_path = out_dir / f"{name}.png"
+    draw(png_path)
+    print(f"wrote {json_path} and {png_path}")
+
+
 def write_json(out_dir: Path, name: str, payload: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     payload["machine"]["load_average_end"] = list(os.getloadavg())

@@ -51,9 +51,10 @@ from bench.common import (
     parse_ints,
     pyplot,
     random_prompts,
+    save_results,
+    settings_of,
     setup_threads,
     time_call,
-    write_json,
 )
 from decode_service.runner import DecodeRunner
 from prad.adapters import Adapter
@@ -305,13 +306,10 @@ def main(argv: list[str] | None = None) -> None:
         dtype_results, references[dtype] = measure_dtype(dtype, args)
         results.extend(dtype_results)
     print_report(results, args.ref_rows)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = settings_of(args)
     payload = {"benchmark": "decode", "settings": settings, "machine": machine, "flop_count": FLOP_COUNT,
                "matmul_reference": references, "results": [asdict(r) for r in results]}
-    json_path = write_json(args.out, "decode", payload)
-    png_path = args.out / "decode.png"
-    plot(results, png_path, args.ref_rows, args.tasks)
-    print(f"wrote {json_path} and {png_path}")
+    save_results(args.out, "decode", payload, lambda path: plot(results, path, args.ref_rows, args.tasks))
 
 
 if __name__ == "__main__":

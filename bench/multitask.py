@@ -103,8 +103,9 @@ from bench.common import (
     median,
     parse_ints,
     pyplot,
+    save_results,
+    settings_of,
     setup_threads,
-    write_json,
 )
 from launcher.local import free_port
 from launcher.roles import build_app
@@ -925,7 +926,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_threads(args.threads)
     machine = machine_info(args.dtypes)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = settings_of(args)
     differs = {k: {"paper": PAPER[k], "this run": settings[k]} for k in PAPER if settings[k] != PAPER[k]}
     print(f"multitask: R={args.requests} P={args.prompt_len} G={args.gen} N={args.tasks} repeats={args.repeats} "
           f"dtypes={args.dtypes} arms={','.join(args.arms)}")
@@ -953,10 +954,7 @@ def main(argv: list[str] | None = None) -> None:
                "results": [asdict(r) for r in results], "targets": [asdict(t) | {"is_met": t.is_met}
                                                                     for t in all_targets],
                "per_dtype": per_dtype}
-    json_path = write_json(args.out, "multitask", payload)
-    png_path = args.out / "multitask.png"
-    plot(results, png_path, args)
-    print(f"wrote {json_path} and {png_path}")
+    save_results(args.out, "multitask", payload, lambda path: plot(results, path, args))
 
 
 if __name__ == "__main__":

@@ -44,9 +44,10 @@ from bench.common import (
     parse_ints,
     pyplot,
     random_prompts,
+    save_results,
+    settings_of,
     setup_threads,
     time_call,
-    write_json,
 )
 from prad.adapters import Adapter
 from prad.adapters.hooks import STRATEGIES
@@ -239,13 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     for dtype in args.dtypes:
         results.extend(measure_dtype(dtype, args))
     print_report(results)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = settings_of(args)
     payload = {"benchmark": "prefill", "settings": settings, "machine": machine,
                "results": [asdict(r) for r in results]}
-    json_path = write_json(args.out, "prefill", payload)
-    png_path = args.out / "prefill.png"
-    plot(results, png_path)
-    print(f"wrote {json_path} and {png_path}")
+    save_results(args.out, "prefill", payload, lambda path: plot(results, path))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from bench.common import DEFAULT_OUT, format_table, load, machine_info, median, pyplot, write_json
+from bench.common import DEFAULT_OUT, format_table, load, machine_info, median, pyplot, save_results, settings_of
 from bench.multitask import build_workload, stream_one
 from launcher.local import RedisServer, ServeProcess, find_redis_server, free_port
 from prad.adapters import AdapterConfig
@@ -328,13 +328,10 @@ def main(argv: list[str] | None = None) -> None:
             largest = int(max((r.kv_bytes_per_token or 0) * r.prompt_len for r in rows)) or 1 << 20
             references["redis SET+GET of the largest KV"] = redis_set_get_mb_per_s(redis_url, largest)
     print_report(rows, references)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = settings_of(args)
     payload = {"benchmark": "transfer", "settings": settings, "machine": machine,
                "references_mb_per_s": references, "results": [asdict(r) for r in rows]}
-    json_path = write_json(args.out, "transfer", payload)
-    png_path = args.out / "transfer.png"
-    plot(rows, png_path)
-    print(f"wrote {json_path} and {png_path}")
+    save_results(args.out, "transfer", payload, lambda path: plot(rows, path))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def kv_from_bytes(data: bytes | bytearray | memoryview, layout: KVLayout) -> tor
 
 def kv_checksum(data: bytes, start: int = 0) -> int:
     """CRC-32C of `data`, continuing from `start` (the value over the bytes before it)."""
-    return int(google_crc32c.extend(start, data)) if start else int(google_crc32c.value(data))
+    return int(google_crc32c.extend(start, data))
 
 
 def verify_checksum(header: pb.HandoffHeader, crc: int) -> None:

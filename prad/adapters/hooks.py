@@ -34,7 +34,7 @@ class _Family:
     mask: torch.Tensor  # [B, T, 1] prompt mask x scaling, 0 where the row has no such adapter
     rank: int  # r_max over `adapters`
     names: tuple[str, str]  # tensor names within a layer, e.g. ("pa.down", "pa.up")
-    rows: list[torch.Tensor]  # per distinct adapter: the batch rows that use it
+    rows: list[torch.Tensor]  # per distinct adapter: the batch rows that use it ("segment" only)
     strategy: str = "gather"
 
     def weights(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,5 +168,5 @@ def _build_family(adapters: list[Adapter | None], prompt_mask: torch.Tensor, kin
     mask = (prompt_mask.float() * scale[:, None]).unsqueeze(-1)
     rank = max(a.config.rank for a in members)
     index = torch.tensor(row_index, device=device)
-    rows = [torch.nonzero(index == u).flatten() for u in range(len(members))]
+    rows = [torch.nonzero(index == u).flatten() for u in range(len(members))] if strategy == "segment" else []
     return _Family(members, index.clamp(min=0), mask, rank, names, rows, strategy)
