@@ -130,7 +130,7 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-MATMUL_LAYOUTS = ("row_major", "weight")
+MATMUL_LAYOUTS = ("row_major", "weight", "weight_left")
 
 
 def matmul_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype, layout: str,
@@ -139,14 +139,18 @@ def matmul_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype, lay
 
     layout "row_major": the right operand is a contiguous [inner, cols] tensor; "weight": it is the
     transposed view of a contiguous [cols, inner] tensor, the `[out, in]` layout the model's weights
-    use (on some CPUs bf16 matmul is an order of magnitude faster in one layout than the other).
+    use (on some CPUs bf16 matmul is an order of magnitude faster in one layout than the other);
+    "weight_left": the same product computed transposed, contiguous [cols, inner] x [inner, rows],
+    the orientation of the decode step (prad/decode_step.py).
     """
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(rows, inner, generator=gen).to(dtype)
     if layout == "row_major":
         b = torch.randn(inner, cols, generator=gen).to(dtype)
-    else:
+    elif layout == "weight":
         b = torch.randn(cols, inner, generator=gen).to(dtype).t()
+    else:
+        a, b = torch.randn(cols, inner, generator=gen).to(dtype), a.t().contiguous()
     flops = 2.0 * rows * inner * cols
     for _ in range(2):
         torch.matmul(a, b)

@@ -13,10 +13,14 @@ What is measured, per dtype (`--dtypes`) and batch size B (`--batches`):
   adapters produced the KV (decode has no adapter code at all). It is the median over rounds of
   (b)/(a) measured back to back in each round (the ratio of the two medians is also recorded): on a
   shared VM single runs drift by 10-15 %, which pairing cancels.
+* (c) forward: the base KV stepped through the generic token-major `Model.forward` (what the
+  decode service ran before prad/decode_step.py); step/forward is the paired speed-up of the
+  feature-major decode step over it.
 * A plain `torch.matmul` FLOP rate, same dtype: [`--ref-rows` (64), d] x [d, intermediate]
   (576 x 1536 on SmolLM2), plus [B, d] x [d, intermediate] per batch size for context; each the
-  faster of two layouts of the right operand (contiguous, or the transposed `[out, in]` weight
-  layout the model uses), sampled once per repeat between the decode runs.
+  fastest of three layouts (right operand contiguous; right operand the transposed `[out, in]`
+  weight; or the transposed product, weight on the left, as the decode step computes it), sampled
+  once per repeat between the decode runs.
 * The decode step's achieved FLOP rate as a fraction of that matmul rate. FLOPs counted per step:
   2 * B * (all linear weights: q|k|v, o, gate|up and down of every layer, plus the LM head) for the
   projections, plus attention 4 * B * layers * num_heads * head_dim * num_keys (Q.K^T and P.V over
@@ -62,7 +66,9 @@ from prad.config import ModelConfig
 from prad.loading import LoadedModel
 from prefill_service.runner import ChunkInput, ChunkOutput, PrefillRunner
 
-CONDITIONS = ("base", "tasks")
+# "forward": the base KV again, stepped through the generic token-major `Model.forward` instead of
+# the decode step (prad/decode_step.py), so the two implementations are compared in the same run.
+CONDITIONS = ("base", "tasks", "forward")
 FLOP_COUNT = ("per step: 2*B*(linear weight count: qkv, o, gate|up, down of every layer + lm_head) "
               "+ attention 4*B*layers*num_heads*head_dim*num_keys (num_keys = position+1); "
               "embedding, norms, RoPE, SiLU, softmax, KV write, argmax not counted")
@@ -86,6 +92,7 @@ class BatchResult:
     tokens_per_s_runs: dict[str, list[float]] = field(default_factory=dict)
     tasks_over_base: float = 0.0  # median of per-round paired ratios
     tasks_over_base_of_medians: float = 0.0  # ratio of the two medians, for comparison
+    step_over_forward: float = 0.0  # decode step speed-up over the generic forward (paired, base KV)
     flops_per_step: float = 0.0  # mean over the timed steps
     achieved_flops_per_s: float = 0.0  # base condition
     matmul_ref_flops_per_s: float = 0.0  # [ref_rows, d] x [d, I]
@@ -155,11 +162,20 @@ def build_state(loaded: LoadedModel, outputs: list[ChunkOutput], capacity: int) 
     return DecodeState(runner, [int(out.logits.argmax()) for out in outputs])
 
 
-def decode_steps(state: DecodeState, batch: int, context: int, steps: int) -> None:
+def forward_step(runner: DecodeRunner, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+    """What `runner.decode` computes, through the generic token-major `Model.forward`."""
+    ids = torch.tensor(token_ids)[:, None]
+    with torch.inference_mode():
+        return runner.model.forward(ids, torch.tensor(positions)[:, None], runner.cache.rows(len(token_ids)),
+                                    logit_index=torch.zeros(len(token_ids), dtype=torch.long))
+
+
+def decode_steps(state: DecodeState, batch: int, context: int, steps: int, generic: bool = False) -> None:
     """`steps` greedy decode steps for rows [0, batch), starting at position `context` (KV is overwritten)."""
     tokens = state.first_tokens[:batch]
     for s in range(steps):
-        logits = state.runner.decode(tokens, [context + s] * batch)
+        positions = [context + s] * batch
+        logits = forward_step(state.runner, tokens, positions) if generic else state.runner.decode(tokens, positions)
         tokens = logits.argmax(dim=-1).tolist()
 
 
@@ -175,10 +191,11 @@ def prepare_states(loaded: LoadedModel, args: argparse.Namespace) -> dict[str, D
     prefill = PrefillRunner(loaded.model)
     capacity = args.context + max(args.steps, args.warmup)
     states = {}
-    for cond in CONDITIONS:
+    for cond in ("base", "tasks"):
         outputs = prefill_in_batches(prefill, prompts, row_adapters[cond], args.max_prefill_tokens,
                                      desc=f"prefill KV ({cond})")
         states[cond] = build_state(loaded, outputs, capacity)
+    states["forward"] = states["base"]
     return states
 
 
@@ -204,7 +221,7 @@ def time_decode(states: dict[str, DecodeState], config: ModelConfig, dtype: torc
     """`repeats` rounds; each measures the matmul references, then every batch and condition (order alternating)."""
     for batch in args.batches:
         for cond in CONDITIONS:
-            decode_steps(states[cond], batch, args.context, args.warmup)
+            decode_steps(states[cond], batch, args.context, args.warmup, cond == "forward")
     runs = Runs({b: {c: [] for c in CONDITIONS} for b in args.batches})
     total = args.repeats * len(args.batches) * len(CONDITIONS)
     with tqdm(total=total, desc=f"decode {dtype}", unit="run") as bar:
@@ -213,16 +230,17 @@ def time_decode(states: dict[str, DecodeState], config: ModelConfig, dtype: torc
             order = CONDITIONS if rep % 2 == 0 else CONDITIONS[::-1]
             for batch in args.batches:
                 for cond in order:
-                    seconds = time_call(lambda c=cond, b=batch: decode_steps(states[c], b, args.context, args.steps))
+                    seconds = time_call(lambda c=cond, b=batch: decode_steps(states[c], b, args.context, args.steps,
+                                                                             c == "forward"))
                     runs.tokens_per_s[batch][cond].append(batch * args.steps / seconds)
                     bar.update()
     return runs
 
 
-def paired_ratio(runs: dict[str, list[float]]) -> float:
-    """Median over rounds of tasks/base, each pair measured back to back (drift of a shared machine
-    between rounds cancels out; the two conditions run identical code, only the KV values differ)."""
-    return median([t / b for t, b in zip(runs["tasks"], runs["base"], strict=True)])
+def paired_ratio(runs: dict[str, list[float]], num: str = "tasks", den: str = "base") -> float:
+    """Median over rounds of num/den, each pair measured in the same round (drift of a shared machine
+    between rounds cancels out; base and tasks run identical code, only the KV values differ)."""
+    return median([t / b for t, b in zip(runs[num], runs[den], strict=True)])
 
 
 def median_best(samples: list[dict[str, float]]) -> float:
@@ -241,6 +259,7 @@ def summarise(runs: Runs, config: ModelConfig, dtype: str, args: argparse.Namesp
             dtype=dtype, batch=batch, steps=args.steps, context=args.context, tokens_per_s=tps,
             tokens_per_s_runs=runs.tokens_per_s[batch], tasks_over_base=paired_ratio(runs.tokens_per_s[batch]),
             tasks_over_base_of_medians=tps["tasks"] / tps["base"],
+            step_over_forward=paired_ratio(runs.tokens_per_s[batch], "base", "forward"),
             flops_per_step=flops, achieved_flops_per_s=achieved, matmul_ref_flops_per_s=ref,
             matmul_same_rows_flops_per_s=same_rows, fraction_of_matmul_ref=achieved / ref,
             fraction_of_matmul_same_rows=achieved / same_rows))
@@ -260,10 +279,11 @@ def measure_dtype(dtype: str, args: argparse.Namespace) -> tuple[list[BatchResul
 
 
 def print_report(results: list[BatchResult], ref_rows: int) -> None:
-    headers = ["dtype", "batch", "base tok/s", "tasks tok/s", "tasks/base", "step ms", "GFLOP/s",
-               f"matmul{ref_rows} GFLOP/s", f"frac of mm{ref_rows}", "frac of mmB"]
+    headers = ["dtype", "batch", "base tok/s", "tasks tok/s", "tasks/base", "step ms", "forward ms",
+               "step/forward", "GFLOP/s", f"matmul{ref_rows} GFLOP/s", f"frac of mm{ref_rows}", "frac of mmB"]
     rows = [[r.dtype, r.batch, r.tokens_per_s["base"], r.tokens_per_s["tasks"], r.tasks_over_base,
-             1000.0 * r.batch / r.tokens_per_s["base"], r.achieved_flops_per_s / 1e9,
+             1000.0 * r.batch / r.tokens_per_s["base"], 1000.0 * r.batch / r.tokens_per_s["forward"],
+             r.step_over_forward, r.achieved_flops_per_s / 1e9,
              r.matmul_ref_flops_per_s / 1e9, r.fraction_of_matmul_ref, r.fraction_of_matmul_same_rows]
             for r in results]
     print(format_table(headers, rows))
@@ -280,6 +300,7 @@ def plot(results: list[BatchResult], path: Path, ref_rows: int, tasks: int) -> N
         xs = [r.batch for r in rs]
         ax_tps.plot(xs, [r.tokens_per_s["base"] for r in rs], "o-", label=f"{dtype} base")
         ax_tps.plot(xs, [r.tokens_per_s["tasks"] for r in rs], "x--", label=f"{dtype} {tasks}-task KV")
+        ax_tps.plot(xs, [r.tokens_per_s["forward"] for r in rs], "s:", label=f"{dtype} base, generic forward")
         ax_frac.plot(xs, [r.fraction_of_matmul_ref for r in rs], "o-", label=f"{dtype} vs matmul{ref_rows}")
     ax_tps.set(xlabel="batch", ylabel="decode tokens/s", title="decode throughput (median)")
     ax_frac.axhline(0.5, color="grey", linestyle=":", label="target 0.5")

@@ -18,7 +18,8 @@ rank `--rank` 16 as in the paper's Table 4, LoRA on q and v with alpha 16). Arms
 * lora-per-task, pa-per-task: conventional LoRA / parallel adapter, the paper's baseline. Each
   task's requests form one batch, tasks run one after another, and the adapter applies to every
   token: prompt and every decode step. Our engine code without the server: Model.forward + KVCache
-  + RowAdapters (mask all ones), one prefill of the task's batch then G - 1 decode steps.
+  + RowAdapters (mask all ones) for one prefill of the task's batch, then G - 1 steps of the decode
+  service's own decode step (prad/decode_step.py) with the same hooks.
 * lora-mixed: conventional LoRA with all R requests in one batch and per-row adapters at every
   decode step (the Punica / S-LoRA approach), same engine code. Each batch's adapter bank is gathered
   once per layer and reused by every step (as Punica's resident weights are), see `freeze_banks`.
@@ -112,6 +113,7 @@ from launcher.roles import build_app
 from launcher.settings import ServeSettings
 from prad.adapters import Adapter, AdapterConfig, RowAdapters, save_adapter
 from prad.adapters.io import init_tensors
+from prad.decode_step import decode_step
 from prad.loading import LoadedModel
 from prad.model import Model
 
@@ -401,9 +403,8 @@ def engine_generate(model: Model, prompt_ids: list[list[int]], adapters: list[Ad
     out = [tokens]
     prefilled = time.perf_counter()
     hooks = hooks_for(model, adapters, 1)
-    last = torch.zeros(rows, dtype=torch.long)
-    for step in range(gen - 1):
-        logits = model.forward(tokens[:, None], torch.full((rows, 1), length + step), kv, hooks, logit_index=last)
+    for step in range(gen - 1):  # the decode service's own step, with the adapters (if any) hooked in
+        logits = decode_step(model, tokens, torch.full((rows,), length + step), kv, hooks)
         tokens = logits.argmax(dim=-1)
         out.append(tokens)
     done = time.perf_counter()
@@ -720,8 +721,7 @@ def calibrate(model: Model, needed: set[tuple[int, int, int]], cal: Calibration)
             times = []
             for _ in range(3):
                 start = time.perf_counter()
-                model.forward(ids[:, :1], torch.full((rows, 1), context), kv,
-                              logit_index=torch.zeros(rows, dtype=torch.long))
+                decode_step(model, ids[:, 0], torch.full((rows,), context), kv)
                 times.append(time.perf_counter() - start)
             cal.step_s[(rows, context)] = median(times)
 

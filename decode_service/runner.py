@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from prad.decode_step import decode_step
 from prad.model import Model
 
 CAPACITY_STEP = 256
@@ -49,7 +50,6 @@ class DecodeRunner:
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One step for rows [0, B): feed each row's newest token at its position; logits [B, V]."""
         device = self.model.device
-        ids = torch.tensor(token_ids, device=device)[:, None]  # [B, 1]
-        pos = torch.tensor(positions, device=device)[:, None]  # [B, 1]
-        kv = self.cache.rows(len(token_ids))
-        return self.model.forward(ids, pos, kv, hooks=None, logit_index=torch.zeros_like(ids[:, 0]))
+        ids = torch.tensor(token_ids, device=device)  # [B]
+        pos = torch.tensor(positions, device=device)  # [B]
+        return decode_step(self.model, ids, pos, self.cache.rows(len(token_ids)))

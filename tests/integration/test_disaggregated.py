@@ -21,9 +21,15 @@ REQUESTS = [{"task": t, "prompt": p, "max_new_tokens": 10}
             for p in ("The capital of France is", "Once upon a time")]
 
 
+def _generate(url: str, body: dict) -> dict:
+    r = httpx.post(url + "/generate", json=body, timeout=180)
+    assert r.status_code == 200, f"{url} {body} -> {r.status_code} {r.text}"  # name the request that failed
+    return r.json()
+
+
 def _run_all(url: str, bodies: list[dict], workers: int = 4) -> list[dict]:
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda b: httpx.post(url + "/generate", json=b, timeout=180).json(), bodies))
+        return list(pool.map(lambda b: _generate(url, b), bodies))
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +57,9 @@ def test_grpc_two_prefills_one_decode_same_tokens_as_inproc(inproc_tokens, adapt
                                                                                                 strict=True)}
         assert [got[json.dumps(b, sort_keys=True)] for b in REQUESTS] == inproc_tokens
         # every process serves its own metrics
-        assert "prad:num_requests_running" in httpx.get(decode.url + "/metrics").text
-        assert 'prad:kv_transfer_bytes_total{transport="grpc"}' in httpx.get(prefills[0].url + "/metrics").text
+        assert "prad:num_requests_running" in httpx.get(decode.url + "/metrics", timeout=30).text
+        assert 'prad:kv_transfer_bytes_total{transport="grpc"}' in httpx.get(prefills[0].url + "/metrics",
+                                                                               timeout=30).text
 
         # a wrong secret is refused, and the client hears why
         intruder = ServeProcess(["--role", "prefill", "--transport", "grpc", "--decode-addr",
@@ -69,7 +76,7 @@ def test_grpc_two_prefills_one_decode_same_tokens_as_inproc(inproc_tokens, adapt
         r = httpx.post(prefills[0].url + "/generate", json=REQUESTS[0], timeout=60)
         assert r.status_code == 503 and "decode service unavailable" in r.text
         assert time.time() - started < 15
-        assert httpx.get(prefills[0].url + "/readyz").status_code == 503
+        assert httpx.get(prefills[0].url + "/readyz", timeout=30).status_code == 503
         decode.start(wait_ready=False)
         prefills[0].wait("/readyz", 60)
         assert httpx.post(prefills[0].url + "/generate", json=REQUESTS[0], timeout=120).json()["token_ids"] == \

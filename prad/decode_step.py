@@ -1,0 +1,162 @@
+"""One batched decode step (one new token per row, no adapters) with feature-major activations.
+
+`Model.forward` keeps activations token-major (`[B, T, d]`) and multiplies `x @ W.T`, which is
+what prefill, training and the adapter hooks want. A decode step has T = 1 (and in the decode
+service no hooks), so here every activation is feature-major (`[d, B]`) and each projection is one
+`W @ X` GEMM whose output is already the next one's input layout. On the 2-core AVX2 CPU we develop
+on, MKL runs `W @ X` 15-50 % faster than `X @ W.T` at decode shapes (64 rows, 576..49,152
+features) and 1.6x faster for the LM head (bench/decode.py measures this step against
+`Model.forward` side by side; docs/benchmarks.md has the numbers). The maths is `Model.forward`'s,
+term by term (tests compare the two); only the order of floating-point sums inside matmuls differs.
+
+Attention still runs token-major (SDPA over the slot cache `[B, Hkv, S, D]`): its operands are
+small next to the KV it reads.
+
+The decode service never passes `hooks`. They exist for the benchmarks' conventional-adapter arms
+(LoRA applied at every decode step), so those decode through this same step and a comparison with
+PrAd measures the method, not two different decode loops; hooks see token-major `[B, 1, features]`
+views, as in `Model.forward`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from prad.config import ModelConfig
+from prad.kv_cache import KVCache
+from prad.model import AdapterHooks, Model
+from prad.weights import LayerWeights
+
+LM_HEAD_CHUNK_ROWS = 2048  # vocab rows per LM-head GEMM: each [2048, d] slice stays in cache
+# On CPU the batch is padded to a multiple of this many columns: MKL's sgemm runs `W @ X` with 2-11
+# or odd column counts up to 2x slower than with the next multiple of 16 (e.g. a whole SmolLM2 step's
+# projections at 31 columns: 166 ms, padded to 32: 103 ms); one column (a GEMV) is left alone.
+CPU_COLUMN_MULTIPLE = 16
+
+
+def padded_columns(batch: int, device: torch.device) -> int:
+    """How many activation columns a step of `batch` rows computes (the extra ones are zeros)."""
+    if batch == 1 or device.type != "cpu":
+        return batch
+    return -(-batch // CPU_COLUMN_MULTIPLE) * CPU_COLUMN_MULTIPLE
+
+
+@torch.inference_mode()
+def decode_step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
+                hooks: AdapterHooks | None = None) -> torch.Tensor:
+    """token_ids, positions: [B]; row b's token goes to position positions[b] of kv row b.
+
+    Returns logits [B, V] in fp32, the same as `model.forward(ids[:, None], positions[:, None], kv,
+    logit_index=0)` up to matmul rounding.
+    """
+    w, c = model.weights, model.config
+    bsz = token_ids.shape[0]
+    # h: [d, P], P >= B columns; padding columns start at zero and never reach attention or the KV.
+    h = torch.zeros(c.hidden_size, padded_columns(bsz, w.embed.device), dtype=w.embed.dtype, device=w.embed.device)
+    h[:, :bsz] = w.embed[token_ids].t()
+    if w.pos_embed is not None:
+        h[:, :bsz] += w.pos_embed[positions].t()
+    num_keys = int(positions.max()) + 1
+    key_pos = torch.arange(num_keys, device=positions.device)
+    mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    rope = None
+    if model.rope is not None:
+        cos, sin = model.rope
+        rope = cos[positions].t()[None], sin[positions].t()[None]  # [1, D, B] against [heads, D, B]
+    for i, lw in enumerate(w.layers):
+        h = h + _attention(c, i, lw, _norm(c, h, lw.attn_norm_w, lw.attn_norm_b), positions, kv, mask, rope,
+                           hooks)
+        z = _norm(c, h, lw.mlp_norm_w, lw.mlp_norm_b)
+        y = _mlp(c, lw, z)
+        h = h + (y if hooks is None else _token_major(hooks.adapt_mlp, i, z, y, bsz))
+    return _lm_head(w.lm_head, _norm(c, h, w.final_norm_w, w.final_norm_b), bsz)
+
+
+def _linear(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """weight [out, in] @ x [in, P] (+ bias) -> [out, P]."""
+    if bias is None:
+        return torch.mm(weight, x)
+    return torch.addmm(bias[:, None], weight, x)
+
+
+def _token_major(hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor], layer: int,
+                 x: torch.Tensor, y: torch.Tensor, bsz: int) -> torch.Tensor:
+    """Call an adapter hook on the B real columns of feature-major x [in, P], y [out, P] through
+    [B, 1, features] views; returns y with those columns adapted."""
+    adapted = hook(layer, x[:, :bsz].t().unsqueeze(1), y[:, :bsz].t().unsqueeze(1))  # [B, 1, out]
+    y = y.clone()
+    y[:, :bsz] = adapted.squeeze(1).t()
+    return y
+
+
+def _norm(c: ModelConfig, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`Model._norm` over the feature axis (dim 0) of x [d, B]."""
+    if c.family == "gpt2":
+        assert bias is not None
+        mean = x.mean(0, keepdim=True)
+        var = (x - mean).pow(2).mean(0, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + c.norm_eps) * weight[:, None] + bias[:, None]
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(0, keepdim=True) + c.norm_eps)
+    return weight[:, None] * x32.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate-half RoPE of x [heads, D, B] in fp32 (as `prad.model._apply_rope`)."""
+    cos, sin = rope
+    half = x.shape[1] // 2
+    rotated = torch.cat([-x[:, half:], x[:, :half]], dim=1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def _attention(c: ModelConfig, layer: int, lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
+               kv: KVCache, mask: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+               hooks: AdapterHooks | None) -> torch.Tensor:
+    """x: [d, P]; attention over the B = len(positions) real columns; returns [d, P]."""
+    bsz, num_columns = positions.shape[0], x.shape[1]
+    qkv = _linear(lw.qkv_w, x, lw.qkv_b)
+    if hooks is not None:
+        qkv = _token_major(hooks.adapt_qkv, layer, x, qkv, bsz)
+    q, k, v = qkv[:, :bsz].split([c.q_size, c.kv_size, c.kv_size], dim=0)
+    q = q.view(c.num_heads, c.head_dim, bsz)
+    k = k.view(c.num_kv_heads, c.head_dim, bsz)
+    v = v.view(c.num_kv_heads, c.head_dim, bsz)
+    if rope is not None:
+        q, k = _rope(q, rope), _rope(k, rope)
+    keys, values = kv.update_step(layer, k.permute(2, 0, 1), v.permute(2, 0, 1), positions,
+                                  mask.shape[-1])  # [B, Hkv, S, D]
+    # SDPA's fused CPU kernel needs a contiguous query; a strided one falls back to a path that
+    # copies K/V per query head.
+    q = q.permute(2, 0, 1).contiguous().unsqueeze(2)  # [B, H, 1, D]
+    a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim),
+                                       enable_gqa=c.num_kv_heads != c.num_heads)
+    a_columns = x.new_zeros(c.q_size, num_columns)
+    a_columns[:, :bsz] = a.reshape(bsz, c.q_size).t()  # [q_size, P]
+    o = _linear(lw.o_w, a_columns, lw.o_b)
+    return o if hooks is None else _token_major(hooks.adapt_o, layer, a_columns, o, bsz)
+
+
+def _mlp(c: ModelConfig, lw: LayerWeights, z: torch.Tensor) -> torch.Tensor:
+    if c.family == "llama":
+        gate, up = _linear(lw.mlp_in_w, z, None).chunk(2, dim=0)  # row halves: contiguous
+        return _linear(lw.mlp_out_w, F.silu(gate) * up, None)
+    hidden = F.gelu(_linear(lw.mlp_in_w, z, lw.mlp_in_b), approximate="tanh")
+    return _linear(lw.mlp_out_w, hidden, lw.mlp_out_b)
+
+
+def _lm_head(lm_head: torch.Tensor, h: torch.Tensor, bsz: int) -> torch.Tensor:
+    """lm_head [V, d] @ h [d, P] -> logits [B, V] of the first B columns (contiguous, fp32), one vocab
+    slice at a time: each slice's [rows, P] product is transposed into the output while it is still
+    in cache (one transpose of the whole [V, B] at the end costs ~13 ms at B = 64, V = 49,152)."""
+    vocab = lm_head.shape[0]
+    logits = torch.empty(bsz, vocab, dtype=torch.float32, device=h.device)
+    part = torch.empty(min(LM_HEAD_CHUNK_ROWS, vocab), h.shape[1], dtype=h.dtype, device=h.device)
+    for start in range(0, vocab, LM_HEAD_CHUNK_ROWS):
+        rows = lm_head[start:start + LM_HEAD_CHUNK_ROWS]
+        torch.mm(rows, h, out=part[:rows.shape[0]])
+        logits[:, start:start + rows.shape[0]].copy_(part[:rows.shape[0], :bsz].t())
+    return logits
