@@ -59,6 +59,9 @@ def add_common_args(parser: argparse.ArgumentParser, default_dtypes: str) -> Non
     parser.add_argument("--seed", type=int, default=0, help="seed for prompts and adapter weights (default 0)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
+    parser.add_argument("--model", default=None,
+                        help="a local HF model directory (default: the embedded SmolLM2-135M-Instruct)")
 
 
 def cpu_model() -> str:
@@ -91,6 +94,7 @@ def machine_info(dtypes: Sequence[str]) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -100,9 +104,9 @@ def machine_info(dtypes: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def load(dtype: str) -> LoadedModel:
-    """The default model on CPU in `dtype` (cached after its first conversion)."""
-    return load_model(None, "cpu", dtype)
+def load(dtype: str, device: str = "cpu", model: str | None = None) -> LoadedModel:
+    """`model` (default: the embedded one, cached after its first conversion) on `device` in `dtype`."""
+    return load_model(model, device, dtype)
 
 
 def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -119,10 +123,18 @@ def make_adapter(loaded: LoadedModel, variant: str, rank: int, seed: int) -> Ada
     return Adapter(config, tensors, f"bench-{variant}-{seed}").to(model.device, model.dtype)
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work (a no-op without CUDA), so wall-clock timings include it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_call(fn: Callable[[], object]) -> float:
-    """Wall seconds of one call."""
+    """Wall seconds of one call, GPU work included."""
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -134,7 +146,7 @@ MATMUL_LAYOUTS = ("row_major", "weight", "weight_left")
 
 
 def matmul_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype, layout: str,
-                       min_seconds: float = 0.2) -> float:
+                       device: torch.device, min_seconds: float = 0.2) -> float:
     """FLOP/s of one timed loop of plain torch.matmul [rows, inner] x [inner, cols] (2*rows*inner*cols each).
 
     layout "row_major": the right operand is a contiguous [inner, cols] tensor; "weight": it is the
@@ -151,6 +163,7 @@ def matmul_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype, lay
         b = torch.randn(cols, inner, generator=gen).to(dtype).t()
     else:
         a, b = torch.randn(cols, inner, generator=gen).to(dtype), a.t().contiguous()
+    a, b = a.to(device), b.to(device)
     flops = 2.0 * rows * inner * cols
     for _ in range(2):
         torch.matmul(a, b)
@@ -164,9 +177,10 @@ def matmul_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype, lay
     return calls * flops / time_call(loop)
 
 
-def best_matmul_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype) -> dict[str, float]:
+def best_matmul_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype,
+                            device: torch.device) -> dict[str, float]:
     """The rate in each layout, and "best": the faster one, the fair reference for the model's speed."""
-    rates = {layout: matmul_flops_per_s(rows, inner, cols, dtype, layout) for layout in MATMUL_LAYOUTS}
+    rates = {layout: matmul_flops_per_s(rows, inner, cols, dtype, layout, device) for layout in MATMUL_LAYOUTS}
     rates["best"] = max(rates.values())
     return rates
 

@@ -164,10 +164,12 @@ def build_state(loaded: LoadedModel, outputs: list[ChunkOutput], capacity: int) 
 
 def forward_step(runner: DecodeRunner, token_ids: list[int], positions: list[int]) -> torch.Tensor:
     """What `runner.decode` computes, through the generic token-major `Model.forward`."""
-    ids = torch.tensor(token_ids)[:, None]
+    device = runner.model.device
+    ids = torch.tensor(token_ids, device=device)[:, None]
     with torch.inference_mode():
-        return runner.model.forward(ids, torch.tensor(positions)[:, None], runner.cache.rows(len(token_ids)),
-                                    logit_index=torch.zeros(len(token_ids), dtype=torch.long))
+        return runner.model.forward(ids, torch.tensor(positions, device=device)[:, None],
+                                    runner.cache.rows(len(token_ids)),
+                                    logit_index=torch.zeros(len(token_ids), dtype=torch.long, device=device))
 
 
 def decode_steps(state: DecodeState, batch: int, context: int, steps: int, generic: bool = False) -> None:
@@ -210,10 +212,10 @@ class Runs:
 
 def measure_references(runs: Runs, config: ModelConfig, dtype: torch.dtype, args: argparse.Namespace) -> None:
     """One matmul-rate sample for the reference shape and for each batch's [B, d] x [d, I]."""
-    d, inter = config.hidden_size, config.intermediate_size
-    runs.matmul_ref.append(best_matmul_flops_per_s(args.ref_rows, d, inter, dtype))
+    d, inter, device = config.hidden_size, config.intermediate_size, torch.device(args.device)
+    runs.matmul_ref.append(best_matmul_flops_per_s(args.ref_rows, d, inter, dtype, device))
     for batch in args.batches:
-        runs.matmul_same_rows.setdefault(batch, []).append(best_matmul_flops_per_s(batch, d, inter, dtype))
+        runs.matmul_same_rows.setdefault(batch, []).append(best_matmul_flops_per_s(batch, d, inter, dtype, device))
 
 
 def time_decode(states: dict[str, DecodeState], config: ModelConfig, dtype: torch.dtype,
@@ -267,7 +269,7 @@ def summarise(runs: Runs, config: ModelConfig, dtype: str, args: argparse.Namesp
 
 
 def measure_dtype(dtype: str, args: argparse.Namespace) -> tuple[list[BatchResult], dict[str, Any]]:
-    loaded = load(dtype)
+    loaded = load(dtype, args.device, args.model)
     config = loaded.config
     states = prepare_states(loaded, args)
     runs = time_decode(states, config, loaded.model.dtype, args)

@@ -107,6 +107,8 @@ from bench.common import (
     save_results,
     settings_of,
     setup_threads,
+    synchronize,
+    time_call,
 )
 from launcher.local import free_port
 from launcher.roles import build_app
@@ -114,6 +116,7 @@ from launcher.settings import ServeSettings
 from prad.adapters import Adapter, AdapterConfig, RowAdapters, save_adapter
 from prad.adapters.io import init_tensors
 from prad.decode_step import decode_step
+from prad.kv_cache import KVCache
 from prad.loading import LoadedModel
 from prad.model import Model
 
@@ -257,7 +260,7 @@ def serving(loaded: LoadedModel, adapters_root: Path, transport: str, args: argp
     grpc_port = free_port()
     settings = ServeSettings(
         role="all", transport=transport, grpc_host=GRPC_HOST, grpc_port=grpc_port,
-        decode_addr=f"{GRPC_HOST}:{grpc_port}", adapters=adapters_root, device="cpu", dtype=dtype,
+        decode_addr=f"{GRPC_HOST}:{grpc_port}", adapters=adapters_root, device=args.device, dtype=dtype,
         max_batch_size=args.requests, max_prefill_tokens=args.max_prefill_tokens, max_waiting=max(256, args.requests),
         max_loaded_adapters=max(64, 2 * max(args.tasks)), request_timeout_s=3600.0, log_level="warning")
     app = build_app(settings, loaded)
@@ -383,7 +386,8 @@ def hooks_for(model: Model, adapters: list[Adapter] | None, num_tokens: int) -> 
     """Conventional adapters: mask all ones, so they apply to every token they see."""
     if adapters is None:
         return None
-    return freeze_banks(RowAdapters(model.config, list(adapters), torch.ones(len(adapters), num_tokens)))
+    mask = torch.ones(len(adapters), num_tokens, device=model.device)
+    return freeze_banks(RowAdapters(model.config, list(adapters), mask))
 
 
 def engine_generate(model: Model, prompt_ids: list[list[int]], adapters: list[Adapter] | None,
@@ -395,20 +399,23 @@ def engine_generate(model: Model, prompt_ids: list[list[int]], adapters: list[Ad
     rows, length = len(prompt_ids), len(prompt_ids[0])
     start = time.perf_counter()
     kv = model.new_kv_cache(rows, length + gen)
-    ids = torch.tensor(prompt_ids)  # [B, P]
-    positions = torch.arange(length).expand(rows, length)  # [B, P]
+    device = model.device
+    ids = torch.tensor(prompt_ids, device=device)  # [B, P]
+    positions = torch.arange(length, device=device).expand(rows, length)  # [B, P]
     logits = model.forward(ids, positions, kv, hooks_for(model, adapters, length),
-                           logit_index=torch.full((rows,), length - 1))
+                           logit_index=torch.full((rows,), length - 1, device=device))
     tokens = logits.argmax(dim=-1)  # [B]
     out = [tokens]
+    synchronize()
     prefilled = time.perf_counter()
     hooks = hooks_for(model, adapters, 1)
     for step in range(gen - 1):  # the decode service's own step, with the adapters (if any) hooked in
-        logits = decode_step(model, tokens, torch.full((rows,), length + step), kv, hooks)
+        logits = decode_step(model, tokens, torch.full((rows,), length + step, device=device), kv, hooks)
         tokens = logits.argmax(dim=-1)
         out.append(tokens)
+    generated = torch.stack(out, dim=1).tolist()  # waits for the GPU, if any
     done = time.perf_counter()
-    return prefilled - start, done - prefilled, torch.stack(out, dim=1).tolist()
+    return prefilled - start, done - prefilled, generated
 
 
 def loop_run(model: Model, work: Workload, adapters: list[Adapter] | None, num_tasks: int,
@@ -456,7 +463,7 @@ class PeftArm:
 
         hf_logging.set_verbosity_error()
         config = adapters[0].config
-        hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=loaded.model.dtype).eval()
+        hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=loaded.model.dtype).to(loaded.model.device).eval()
         lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none",
                           target_modules=[f"{t}_proj" for t in config.targets])
         self.names = [f"t{t:03d}" for t in range(len(adapters))]
@@ -488,7 +495,7 @@ class PeftArm:
 
     @torch.inference_mode()
     def last_logits(self, prompt_ids: list[int], task: int) -> torch.Tensor:
-        ids = torch.tensor([prompt_ids])
+        ids = torch.tensor([prompt_ids], device=self.model.device)
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=[self.names[task]])
         return out.logits[0, -1].float()
 
@@ -496,7 +503,7 @@ class PeftArm:
     def run(self, work: Workload, num_tasks: int) -> RunTiming:
         from transformers import LogitsProcessorList
 
-        ids = torch.tensor(work.prompt_ids)
+        ids = torch.tensor(work.prompt_ids, device=self.model.device)
         clock = _FirstCallClock()
         names = [self.names[t] for t in work.task_of(num_tasks)]
         start = time.perf_counter()
@@ -504,6 +511,7 @@ class PeftArm:
                                   max_new_tokens=work.gen, min_new_tokens=work.gen, do_sample=False,
                                   logits_processor=LogitsProcessorList([clock]),
                                   pad_token_id=self.eos_token_ids[0] if self.eos_token_ids else None)
+        synchronize()
         total = time.perf_counter() - start
         prefill = (clock.first_s or start) - start
         return RunTiming(total, prefill, total - prefill, out[:, ids.shape[1]:].tolist())
@@ -513,9 +521,10 @@ def peft_check(peft: PeftArm, model: Model, work: Workload, adapter: Adapter) ->
     """Max |logit difference| at the last prompt position, PEFT vs our engine, task 0, first prompt."""
     prompt = work.prompt_ids[0]
     length = len(prompt)
-    hooks = RowAdapters(model.config, [adapter], torch.ones(1, length))
-    ours = model.forward(torch.tensor([prompt]), torch.arange(length)[None], None, hooks,
-                         logit_index=torch.tensor([length - 1]))[0]
+    device = model.device
+    hooks = RowAdapters(model.config, [adapter], torch.ones(1, length, device=device))
+    ours = model.forward(torch.tensor([prompt], device=device), torch.arange(length, device=device)[None], None,
+                         hooks, logit_index=torch.tensor([length - 1], device=device))[0]
     return float((ours - peft.last_logits(prompt, 0)).abs().max())
 
 
@@ -704,26 +713,32 @@ def shapes(config: dict[str, Any]) -> set[tuple[int, int, int]]:
             for b in batch_sizes(arm, n, config["requests"])}
 
 
+def _prefill_s(model: Model, ids: torch.Tensor, kv: KVCache) -> float:
+    """Seconds of one base prefill of ids [rows, P] into kv (after one untimed single-row pass)."""
+    rows, length = ids.shape
+    positions = torch.arange(length, device=ids.device)
+    last = torch.full((rows,), length - 1, device=ids.device)
+    model.forward(ids[:1], positions[None], None, logit_index=last[:1])  # warm
+    return time_call(lambda: model.forward(ids, positions.expand(rows, length), kv, logit_index=last))
+
+
+def _step_s(model: Model, token_ids: torch.Tensor, context: int, kv: KVCache) -> float:
+    """Median seconds of 3 decode steps of token_ids [rows] at position `context`."""
+    positions = torch.full_like(token_ids, context)
+    return median([time_call(lambda: decode_step(model, token_ids, positions, kv)) for _ in range(3)])
+
+
 @torch.inference_mode()
 def calibrate(model: Model, needed: set[tuple[int, int, int]], cal: Calibration) -> None:
     """Time one base prefill per (rows, P) and the median of 3 decode steps per (rows, P + G/2)."""
     for rows, length, gen in tqdm(sorted(needed), desc="calibrate", unit="shape", leave=False):
         context = length + gen // 2
         kv = model.new_kv_cache(rows, length + gen)
-        ids = torch.randint(100, 1000, (rows, length))
+        ids = torch.randint(100, 1000, (rows, length), device=model.device)
         if (rows, length) not in cal.prefill_s:
-            last = torch.full((rows,), length - 1)
-            model.forward(ids[:1], torch.arange(length)[None], None, logit_index=last[:1])  # warm
-            start = time.perf_counter()
-            model.forward(ids, torch.arange(length).expand(rows, length), kv, logit_index=last)
-            cal.prefill_s[(rows, length)] = time.perf_counter() - start
+            cal.prefill_s[(rows, length)] = _prefill_s(model, ids, kv)
         if (rows, context) not in cal.step_s:
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                decode_step(model, ids[:, 0], torch.full((rows,), context), kv)
-                times.append(time.perf_counter() - start)
-            cal.step_s[(rows, context)] = median(times)
+            cal.step_s[(rows, context)] = _step_s(model, ids[:, 0], context, kv)
 
 
 def predicted_s(arm: str, num_tasks: int, config: dict[str, Any], cal: Calibration) -> float:
@@ -760,7 +775,7 @@ def current_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def measure_dtype(dtype: str, args: argparse.Namespace) -> dict[str, Any]:
     setup_start = time.perf_counter()
-    loaded = load(dtype)
+    loaded = load(dtype, args.device, args.model)
     work = build_workload(loaded, args.requests, args.prompt_len, args.gen, args.seed)
     cal = Calibration()
     configs = {"paper": PRESETS["paper"], "make": PRESETS["make"]}
