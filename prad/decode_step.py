@@ -31,7 +31,7 @@ from prad.kv_cache import KVCache
 from prad.model import AdapterHooks, Model
 from prad.weights import LayerWeights
 
-LM_HEAD_CHUNK_ROWS = 2048  # vocab rows per LM-head GEMM: each [2048, d] slice stays in cache
+LM_HEAD_CHUNK_ROWS = 2048  # CPU: vocab rows per LM-head GEMM, so each [2048, d] slice stays in cache
 # On CPU the batch is padded to a multiple of this many columns: MKL's sgemm runs `W @ X` with 2-11
 # or odd column counts up to 2x slower than with the next multiple of 16 (e.g. a whole SmolLM2 step's
 # projections at 31 columns: 166 ms, padded to 32: 103 ms); one column (a GEMV) is left alone.
@@ -56,8 +56,7 @@ def decode_step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, 
     w, c = model.weights, model.config
     bsz = token_ids.shape[0]
     # h: [d, P], P >= B columns; padding columns start at zero and never reach attention or the KV.
-    h = torch.zeros(c.hidden_size, padded_columns(bsz, w.embed.device), dtype=w.embed.dtype, device=w.embed.device)
-    h[:, :bsz] = w.embed[token_ids].t()
+    h = _columns(w.embed[token_ids].t(), padded_columns(bsz, w.embed.device))
     if w.pos_embed is not None:
         h[:, :bsz] += w.pos_embed[positions].t()
     num_keys = int(positions.max()) + 1
@@ -74,6 +73,15 @@ def decode_step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, 
         y = _mlp(c, lw, z)
         h = h + (y if hooks is None else _token_major(hooks.adapt_mlp, i, z, y, bsz))
     return _lm_head(w.lm_head, _norm(c, h, w.final_norm_w, w.final_norm_b), bsz)
+
+
+def _columns(x: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """x [features, B] as a contiguous [features, num_columns] tensor, zero past column B."""
+    if x.shape[1] == num_columns:
+        return x.contiguous()
+    padded = x.new_zeros(x.shape[0], num_columns)
+    padded[:, :x.shape[1]] = x
+    return padded
 
 
 def _linear(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -134,8 +142,7 @@ def _attention(c: ModelConfig, layer: int, lw: LayerWeights, x: torch.Tensor, po
     q = q.permute(2, 0, 1).contiguous().unsqueeze(2)  # [B, H, 1, D]
     a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim),
                                        enable_gqa=c.num_kv_heads != c.num_heads)
-    a_columns = x.new_zeros(c.q_size, num_columns)
-    a_columns[:, :bsz] = a.reshape(bsz, c.q_size).t()  # [q_size, P]
+    a_columns = _columns(a.reshape(bsz, c.q_size).t(), num_columns)  # [q_size, P]
     o = _linear(lw.o_w, a_columns, lw.o_b)
     return o if hooks is None else _token_major(hooks.adapt_o, layer, a_columns, o, bsz)
 
@@ -153,10 +160,11 @@ def _lm_head(lm_head: torch.Tensor, h: torch.Tensor, bsz: int) -> torch.Tensor:
     slice at a time: each slice's [rows, P] product is transposed into the output while it is still
     in cache (one transpose of the whole [V, B] at the end costs ~13 ms at B = 64, V = 49,152)."""
     vocab = lm_head.shape[0]
+    chunk = LM_HEAD_CHUNK_ROWS if h.device.type == "cpu" else vocab  # a GPU wants one big GEMM
     logits = torch.empty(bsz, vocab, dtype=torch.float32, device=h.device)
-    part = torch.empty(min(LM_HEAD_CHUNK_ROWS, vocab), h.shape[1], dtype=h.dtype, device=h.device)
-    for start in range(0, vocab, LM_HEAD_CHUNK_ROWS):
-        rows = lm_head[start:start + LM_HEAD_CHUNK_ROWS]
+    part = torch.empty(min(chunk, vocab), h.shape[1], dtype=h.dtype, device=h.device)
+    for start in range(0, vocab, chunk):
+        rows = lm_head[start:start + chunk]
         torch.mm(rows, h, out=part[:rows.shape[0]])
         logits[:, start:start + rows.shape[0]].copy_(part[:rows.shape[0], :bsz].t())
     return logits
