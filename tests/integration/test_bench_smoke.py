@@ -1,0 +1,40 @@
+"""The benchmarks run end to end on a tiny workload with the real model: their plumbing, JSON and plot
+are checked, and the token agreements they check themselves must hold; their timings are not checked."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bench import decode, multitask
+
+
+def _threads() -> list[str]:
+    return ["--threads", str(torch.get_num_threads())]  # keep the test session's thread count
+
+
+def test_decode_bench_smoke(tmp_path) -> None:
+    decode.main(["--batches", "1,3", "--steps", "2", "--warmup", "1", "--repeats", "1", "--context", "8",
+                 "--tasks", "2", "--dtypes", "float32", "--out", str(tmp_path), *_threads()])
+    out = json.loads((tmp_path / "decode.json").read_text())
+    assert [r["batch"] for r in out["results"]] == [1, 3]  # 3 rows: a padded step on CPU
+    for r in out["results"]:
+        assert set(r["tokens_per_s"]) == {"base", "tasks", "forward"}
+        assert min(r["tokens_per_s"].values()) > 0 and r["step_over_forward"] > 0
+        assert r["matmul_ref_flops_per_s"] > 0 and r["fraction_of_matmul_ref"] > 0
+    assert (tmp_path / "decode.png").stat().st_size > 0
+
+
+def test_multitask_bench_smoke(tmp_path) -> None:
+    arms = "prad-pa,prad-pa-grpc,base,lora-per-task,lora-mixed,peft-lora-mixed,base-loop"
+    multitask.main(["--tasks", "2", "--requests", "4", "--prompt-len", "8", "--gen", "3", "--repeats", "1",
+                    "--arms", arms, "--no-estimate", "--out", str(tmp_path), *_threads()])
+    out = json.loads((tmp_path / "multitask.json").read_text())
+    assert {r["arm"] for r in out["results"]} == set(arms.split(","))
+    assert all(r["total_s"] > 0 for r in out["results"])
+    checks = out["per_dtype"]["float32"]["checks"]
+    agreements = {k: v for k, v in checks.items() if "==" in k}
+    assert len(agreements) == 4 and all(v == 1.0 for v in agreements.values()), checks
+    assert checks["peft_vs_engine_lora_max_abs_logit_diff"] < 1e-3
+    assert (tmp_path / "multitask.png").stat().st_size > 0
