@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from prad.config import ModelConfig
 from prad.kv_cache import KVCache
-from prad.model import AdapterHooks, Model
+from prad.model import AdapterHooks, Model, apply_rope, rms_norm
 from prad.weights import LayerWeights
 
 LM_HEAD_CHUNK_ROWS = 2048  # CPU: vocab rows per LM-head GEMM, so each [2048, d] slice stays in cache
@@ -108,17 +108,7 @@ def _norm(c: ModelConfig, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         mean = x.mean(0, keepdim=True)
         var = (x - mean).pow(2).mean(0, keepdim=True)
         return (x - mean) * torch.rsqrt(var + c.norm_eps) * weight[:, None] + bias[:, None]
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(0, keepdim=True) + c.norm_eps)
-    return weight[:, None] * x32.to(x.dtype)
-
-
-def _rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate-half RoPE of x [heads, D, B] in fp32 (as `prad.model._apply_rope`)."""
-    cos, sin = rope
-    half = x.shape[1] // 2
-    rotated = torch.cat([-x[:, half:], x[:, :half]], dim=1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return rms_norm(x, weight[:, None], c.norm_eps, dim=0)
 
 
 def _attention(c: ModelConfig, layer: int, lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
@@ -134,9 +124,10 @@ def _attention(c: ModelConfig, layer: int, lw: LayerWeights, x: torch.Tensor, po
     k = k.view(c.num_kv_heads, c.head_dim, bsz)
     v = v.view(c.num_kv_heads, c.head_dim, bsz)
     if rope is not None:
-        q, k = _rope(q, rope), _rope(k, rope)
-    keys, values = kv.update_step(layer, k.permute(2, 0, 1), v.permute(2, 0, 1), positions,
-                                  mask.shape[-1])  # [B, Hkv, S, D]
+        q, k = apply_rope(q, rope, dim=1), apply_rope(k, rope, dim=1)  # head_dim is axis 1 of [heads, D, B]
+    # [B, Hkv, 1, D] at each row's one position
+    keys, values = kv.update(layer, k.permute(2, 0, 1).unsqueeze(2), v.permute(2, 0, 1).unsqueeze(2),
+                             positions[:, None], mask.shape[-1])  # [B, Hkv, S, D]
     # SDPA's fused CPU kernel needs a contiguous query; a strided one falls back to a path that
     # copies K/V per query head.
     q = q.permute(2, 0, 1).contiguous().unsqueeze(2)  # [B, H, 1, D]

@@ -48,18 +48,6 @@ class KVCache:
         self.v[layer, :bsz].transpose(1, 2)[row_idx, positions] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer, :bsz, :, :num_keys], self.v[layer, :bsz, :, :num_keys]
 
-    def update_step(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                    num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode token per row: write k, v [B, Hkv, D] at `positions` [B]; return keys/values
-        [B, Hkv, num_keys, D] (num_keys = max position + 1)."""
-        bsz = k.shape[0]
-        if num_keys > self.capacity:
-            raise ValueError(f"position {num_keys - 1} exceeds KV capacity {self.capacity}")
-        row_idx = torch.arange(bsz, device=k.device)
-        self.k[layer, :bsz][row_idx, :, positions] = k.to(self.k.dtype)  # [B, Hkv, D] at (row, :, pos)
-        self.v[layer, :bsz][row_idx, :, positions] = v.to(self.v.dtype)
-        return self.k[layer, :bsz, :, :num_keys], self.v[layer, :bsz, :, :num_keys]
-
     def extract(self, row: int, length: int) -> torch.Tensor:
         """Row `row`'s first `length` positions in the handoff layout [L, 2, Hkv, length, D]."""
         return torch.stack([self.k[:, row, :, :length], self.v[:, row, :, :length]], dim=1)

@@ -115,9 +115,7 @@ class Model:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.config.family == "gpt2":
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.config.norm_eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)
-        return weight * x32.to(x.dtype)
+        return rms_norm(x, weight, self.config.norm_eps)
 
     def _rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.rope is None:
@@ -147,7 +145,7 @@ class Model:
         k = k.view(bsz, seq_len, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(bsz, seq_len, c.num_kv_heads, c.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = _apply_rope(q, rope), _apply_rope(k, rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if kv is None:
             keys, values = k, v
         else:
@@ -174,8 +172,16 @@ class Model:
         return y
 
 
-def _apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dim: int = -1) -> torch.Tensor:
+    """RMSNorm over `dim` in fp32; `weight` must broadcast against x along that axis."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], dim: int = -1) -> torch.Tensor:
+    """Rotate-half RoPE (HF's convention) with head_dim on axis `dim`, in fp32; cos/sin broadcast."""
     cos, sin = rope
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    half = x.shape[dim] // 2
+    rotated = torch.cat([-x.narrow(dim, half, x.shape[dim] - half), x.narrow(dim, 0, half)], dim=dim)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
