@@ -37,7 +37,7 @@ Run from the repo root: `python -m bench.decode` (full run) or, for a smoke run,
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,7 @@ class DecodeState:
 
     runner: DecodeRunner
     first_tokens: list[int]  # per row: the token sampled (greedily) from the prefill logits
+    generic: bool = False  # step through `Model.forward` (forward_step) instead of runner.decode
 
 
 @dataclass
@@ -172,12 +173,15 @@ def forward_step(runner: DecodeRunner, token_ids: list[int], positions: list[int
                                     logit_index=torch.zeros(len(token_ids), dtype=torch.long, device=device))
 
 
-def decode_steps(state: DecodeState, batch: int, context: int, steps: int, generic: bool = False) -> None:
+def decode_steps(state: DecodeState, batch: int, context: int, steps: int) -> None:
     """`steps` greedy decode steps for rows [0, batch), starting at position `context` (KV is overwritten)."""
     tokens = state.first_tokens[:batch]
     for s in range(steps):
         positions = [context + s] * batch
-        logits = forward_step(state.runner, tokens, positions) if generic else state.runner.decode(tokens, positions)
+        if state.generic:
+            logits = forward_step(state.runner, tokens, positions)
+        else:
+            logits = state.runner.decode(tokens, positions)
         tokens = logits.argmax(dim=-1).tolist()
 
 
@@ -197,7 +201,7 @@ def prepare_states(loaded: LoadedModel, args: argparse.Namespace) -> dict[str, D
         outputs = prefill_in_batches(prefill, prompts, row_adapters[cond], args.max_prefill_tokens,
                                      desc=f"prefill KV ({cond})")
         states[cond] = build_state(loaded, outputs, capacity)
-    states["forward"] = states["base"]
+    states["forward"] = replace(states["base"], generic=True)  # the same runner and KV
     return states
 
 
@@ -223,7 +227,7 @@ def time_decode(states: dict[str, DecodeState], config: ModelConfig, dtype: torc
     """`repeats` rounds; each measures the matmul references, then every batch and condition (order alternating)."""
     for batch in args.batches:
         for cond in CONDITIONS:
-            decode_steps(states[cond], batch, args.context, args.warmup, cond == "forward")
+            decode_steps(states[cond], batch, args.context, args.warmup)
     runs = Runs({b: {c: [] for c in CONDITIONS} for b in args.batches})
     total = args.repeats * len(args.batches) * len(CONDITIONS)
     with tqdm(total=total, desc=f"decode {dtype}", unit="run") as bar:
@@ -232,8 +236,7 @@ def time_decode(states: dict[str, DecodeState], config: ModelConfig, dtype: torc
             order = CONDITIONS if rep % 2 == 0 else CONDITIONS[::-1]
             for batch in args.batches:
                 for cond in order:
-                    seconds = time_call(lambda c=cond, b=batch: decode_steps(states[c], b, args.context, args.steps,
-                                                                             c == "forward"))
+                    seconds = time_call(lambda c=cond, b=batch: decode_steps(states[c], b, args.context, args.steps))
                     runs.tokens_per_s[batch][cond].append(batch * args.steps / seconds)
                     bar.update()
     return runs
