@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kv_transfer.handoff import KVHandoff
 
@@ -30,6 +30,15 @@ class TokenEvent:
 
 
 EventSink = Callable[[TokenEvent], None]
+
+
+def merge_events(events: list[TokenEvent]) -> TokenEvent:
+    """Consecutive events of one request as one chunk: their tokens and text in order, and the last
+    one's finish fields (a final event can only be last)."""
+    if len(events) == 1:
+        return events[0]
+    return replace(events[-1], token_ids=[t for e in events for t in e.token_ids], text="".join(e.text for e in events),
+                   first_token_index=events[0].first_token_index)
 
 
 class DedupSink:

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kv_transfer.base import TokenEvent
 from prefill_service.api_models import GenerateRequest, GenerateResponse, Usage
@@ -68,18 +69,7 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
             return openai_error(400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors), param)
         return JSONResponse({"detail": [{k: e[k] for k in ("loc", "msg", "type")} for e in errors]}, status_code=422)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        limit = max_admin_body_bytes if request.url.path.startswith("/admin/") else MAX_REQUEST_BYTES
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
-        if api_key and request.url.path.startswith(KEYED_PATHS) and not _has_key(request, api_key):
-            message = "missing or invalid API key (Authorization: Bearer <key>)"
-            if request.url.path.startswith("/v1/"):
-                return openai_error(401, message)
-            return JSONResponse({"detail": message}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+    app.add_middleware(RequestGuard, api_key=api_key, max_admin_body_bytes=max_admin_body_bytes)
 
     @app.get("/metrics")
     async def metrics(service: ServiceDep) -> Response:
@@ -111,6 +101,40 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
     if admin_router is not None:
         app.include_router(admin_router)
     return app
+
+
+class RequestGuard:
+    """Rejects a request before it reaches a route: a body over the size limit (413) or, with an API
+    key set, a serving-API call without it (401).
+
+    Plain ASGI on purpose: Starlette's `@app.middleware("http")` (BaseHTTPMiddleware) would pipe every
+    chunk of every streamed response through a memory stream and an extra task; with 64 concurrent
+    streams that was most of the server's per-token Python cost (cProfile, bench/multitask.py).
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_admin_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_admin_body_bytes = app, api_key, max_admin_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            rejection = self.rejection(Request(scope))
+            if rejection is not None:
+                await rejection(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def rejection(self, request: Request) -> Response | None:
+        path = request.url.path
+        length = request.headers.get("content-length")
+        limit = self.max_admin_body_bytes if path.startswith("/admin/") else MAX_REQUEST_BYTES
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
+        if self.api_key and path.startswith(KEYED_PATHS) and not _has_key(request, self.api_key):
+            message = "missing or invalid API key (Authorization: Bearer <key>)"
+            if path.startswith("/v1/"):
+                return openai_error(401, message)
+            return JSONResponse({"detail": message}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return None
 
 
 def _has_key(request: Request, api_key: str) -> bool:
