@@ -10,7 +10,8 @@ rank `--rank` 16 as in the paper's Table 4, LoRA on q and v with alpha 16). Arms
 * prad-pa, prad-lora: PrAd Serve end to end through its HTTP API, embedded mode (build_app with
   role=all, transport=inproc, served by uvicorn on a loopback port in this process). One adapter
   folder per task (prad-pa or prad-lora, written like `prad adapters init`); all R requests sent at
-  once (`POST /generate`, stream=true, ignore_eos=true, max_new_tokens=G, temperature 0). Adapters
+  once (`POST /generate`, stream=true, ignore_eos=true, max_new_tokens=G, temperature 0) by a load
+  generator in its own process (bench/http_load.py: plain asyncio HTTP/1.1, light on CPU). Adapters
   act on the prompt only; one adapter-free decode batch serves every task.
 * prad-pa-grpc, prad-lora-grpc: the same with role=all, transport=grpc on a free loopback port, so
   every KV handoff is serialised and crosses a real gRPC stream.
@@ -54,8 +55,9 @@ three LoRA baselines, compared up to the first EOS) is checked on the first repe
 10), evaluated at the largest N: PrAd-PA >= x14 faster than lora-per-task, >= x1.5 faster than
 lora-mixed and peft-lora-mixed, PrAd (PA and LoRA) within 10% of base.
 
-Caveats: client, server and engines share one process (and the GIL); the loop arms pay no HTTP,
-tokenizer or scheduling cost, so speed-ups of the server arms over them are conservative.
+Caveats: server and engines share one process (and the GIL), the client is a second process on the
+same cores; the loop arms pay no HTTP, tokenizer or scheduling cost, so speed-ups of the server arms
+over them are conservative.
 Before the timed runs a short base-model calibration (prefill and decode step times per batch size)
 feeds a cost model, scaled per arm by this run's measurements, that estimates how long the paper
 preset and the `make bench-multitask` preset take on this machine (`--no-estimate` skips it).
@@ -77,10 +79,11 @@ Run from the repo root: `python -m bench.multitask` (paper preset) or, for a smo
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -149,6 +152,8 @@ WORD_RE = re.compile(r" [a-z]{3,10}")
 LORA_ALPHA = 16.0
 LORA_TARGETS = ("q", "v")
 GRPC_HOST = "127.0.0.1"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOAD_TIMEOUT_S = 3600.0  # one run of the load generator
 SERVER_METRICS = {"prefill_s": "prad:request_prefill_time_seconds", "ttft_s": "prad:time_to_first_token_seconds",
                   "e2e_s": "prad:e2e_request_latency_seconds"}
 
@@ -314,49 +319,21 @@ def metrics_delta(before: dict[str, tuple[float, float]], after: dict[str, tuple
     return out
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, task: str, text: str, gen: int,
-                     prompt_len: int) -> tuple[float, list[int]]:
-    """One streamed request; returns (time of its first token, its token ids). Raises unless G tokens came."""
-    body = {"task": task, "prompt": text, "max_new_tokens": gen, "temperature": 0.0, "ignore_eos": True,
-            "stream": True}
-    first_s: float | None = None
-    token_ids: list[int] = []
-    final: dict[str, Any] = {}
-    async with client.stream("POST", url + "/generate", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"task {task}: HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(f"task {task}: {event['error']}")
-            if event["token_ids"] and first_s is None:
-                first_s = time.perf_counter()
-            token_ids += event["token_ids"]
-            final = event
-    usage = final.get("usage", {})
-    if final.get("finish_reason") != "length" or len(token_ids) != gen or usage.get("prompt_tokens") != prompt_len:
-        raise RuntimeError(f"task {task}: finish {final.get('finish_reason')!r}, {len(token_ids)} tokens, "
-                           f"usage {usage}; expected length, {gen} tokens, {prompt_len} prompt tokens")
-    assert first_s is not None
-    return first_s, token_ids
-
-
-async def http_run(url: str, tasks: list[str], work: Workload) -> RunTiming:
-    """All requests at once over pre-opened keep-alive connections; phases split at the last first token."""
-    num = len(tasks)
-    limits = httpx.Limits(max_connections=num + 4, max_keepalive_connections=num + 4)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(3600.0)) as client:
-        await asyncio.gather(*(client.get(url + "/healthz") for _ in range(num)))
-        before = parse_metrics((await client.get(url + "/metrics")).text)
-        start = time.perf_counter()
-        outs = await asyncio.gather(*(stream_one(client, url, tasks[i], work.texts[i], work.gen,
-                                                 len(work.prompt_ids[i])) for i in range(num)))
-        total = time.perf_counter() - start
-        after = parse_metrics((await client.get(url + "/metrics")).text)
-    prefill = max(first for first, _ in outs) - start
-    return RunTiming(total, prefill, total - prefill, [ids for _, ids in outs], metrics_delta(before, after))
+def http_run(url: str, tasks: list[str], work: Workload) -> RunTiming:
+    """One run of the load generator (bench/http_load.py, in its own process, as clients are) against
+    the server at `url`; the server's /metrics scraped before and after."""
+    job = {"url": url, "gen": work.gen,
+           "requests": [{"task": task, "prompt": work.texts[i], "prompt_tokens": len(work.prompt_ids[i])}
+                        for i, task in enumerate(tasks)]}
+    before = parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
+    proc = subprocess.run([sys.executable, "-m", "bench.http_load"], input=json.dumps(job), capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=LOAD_TIMEOUT_S)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the load generator failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    out = json.loads(proc.stdout)
+    after = parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
+    return RunTiming(out["total_s"], out["prefill_s"], out["total_s"] - out["prefill_s"], out["tokens"],
+                     metrics_delta(before, after))
 
 
 # --- conventional adapters in our engine -------------------------------------------------------------
@@ -564,7 +541,7 @@ class ArmRunners:
 
             def run_server(n: int) -> RunTiming:
                 tasks = [names[t] if names else "base" for t in work.task_of(n)]
-                return asyncio.run(http_run(url, tasks, work))
+                return http_run(url, tasks, work)
 
             return run_server
         if arm in LOOP_ARMS:
