@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kv_transfer.base import TokenEvent
 from prefill_service.api_models import GenerateRequest, GenerateResponse, Usage
 from prefill_service.openai_api import build_router, openai_error
-from prefill_service.service import PrefillService, PreparedRequest, ServiceError
+from prefill_service.service import PrefillService, PreparedRequest, ServiceError, collect
 
 MAX_REQUEST_BYTES = 1 << 20
 
@@ -156,19 +156,11 @@ def _task_rows(service: PrefillService) -> list[dict[str, Any]]:
 
 
 async def _collect(req: PreparedRequest, events: AsyncIterator[TokenEvent]) -> GenerateResponse:
-    token_ids: list[int] = []
-    text: list[str] = []
-    final: TokenEvent | None = None
-    async for event in events:
-        token_ids += event.token_ids
-        text.append(event.text)
-        final = event
-    assert final is not None
-    if final.finish_reason == "error":
-        raise ServiceError(final.error_status, final.error or "request failed")
+    result = await collect(events)
     return GenerateResponse(request_id=req.request_id, task=req.task, adapter_version=req.adapter_version,
-                            text="".join(text), token_ids=token_ids, finish_reason=final.finish_reason or "abort",
-                            usage=Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=len(token_ids)))
+                            text=result.text, token_ids=result.token_ids, finish_reason=result.finish_reason or "abort",
+                            usage=Usage(prompt_tokens=len(req.prompt_token_ids),
+                                        completion_tokens=len(result.token_ids)))
 
 
 async def _sse(req: PreparedRequest, events: AsyncIterator[TokenEvent]) -> AsyncIterator[str]:

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kv_transfer.base import TokenEvent
 from prefill_service.api_models import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, GenerateRequest
-from prefill_service.service import PrefillService, PreparedRequest, ServiceError
+from prefill_service.service import PrefillService, PreparedRequest, ServiceError, collect
 
 MAX_MESSAGES = 256
 
@@ -125,20 +125,13 @@ async def _respond(req: PreparedRequest, events: AsyncIterator[TokenEvent], kind
                    stream: bool) -> JSONResponse | StreamingResponse:
     if stream:
         return StreamingResponse(_stream(req, events, kind), media_type="text/event-stream")
-    text, num_tokens, final = [], 0, None
-    async for event in events:
-        text.append(event.text)
-        num_tokens += len(event.token_ids)
-        final = event
-    assert final is not None
-    if final.finish_reason == "error":
-        raise ServiceError(final.error_status, final.error or "request failed")
-    choice: dict[str, Any] = {"index": 0, "finish_reason": final.finish_reason, "logprobs": None}
+    result = await collect(events)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None}
     if kind == "chat.completion":
-        choice["message"] = {"role": "assistant", "content": "".join(text)}
+        choice["message"] = {"role": "assistant", "content": result.text}
     else:
-        choice["text"] = "".join(text)
-    return JSONResponse({**_envelope(req, kind), "choices": [choice], "usage": _usage(req, num_tokens)})
+        choice["text"] = result.text
+    return JSONResponse({**_envelope(req, kind), "choices": [choice], "usage": _usage(req, len(result.token_ids))})
 
 
 def _envelope(req: PreparedRequest, kind: str) -> dict[str, Any]:

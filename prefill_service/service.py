@@ -50,6 +50,14 @@ class PreparedRequest:
     arrived_s: float  # time.monotonic() when the request arrived
 
 
+async def collect(events: AsyncIterator[TokenEvent]) -> TokenEvent:
+    """A whole request's output as one event, for non-streaming responses; ServiceError if it failed."""
+    result = merge_events([event async for event in events])
+    if result.finish_reason == "error":
+        raise ServiceError(result.error_status, result.error or "request failed")
+    return result
+
+
 class PrefillService:
     def __init__(self, loaded: LoadedModel, adapters: AdapterCache, engine: PrefillEngine,
                  max_seq_len: int, request_timeout_s: float, metrics: Metrics | None = None) -> None:

@@ -4,13 +4,16 @@ come out as one chunk; a consumer that keeps up sees every event on its own."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from kv_transfer.base import EventSink, TokenEvent, merge_events
 from prad.metrics import Metrics
 from prad.sampling import SamplingParams
-from prefill_service.service import PrefillService, PreparedRequest
+from prefill_service.service import PrefillService, PreparedRequest, ServiceError, collect
 
 
 def _ev(index: int, token: int, final: str | None = None) -> TokenEvent:
@@ -93,3 +96,16 @@ def test_a_consumer_that_leaves_aborts_the_request() -> None:
         return engine
 
     assert asyncio.run(run()).aborted == ["r"]
+
+
+def test_collect_merges_the_whole_output_and_raises_on_a_failed_request() -> None:
+    async def events(*items: TokenEvent) -> AsyncIterator[TokenEvent]:
+        for item in items:
+            yield item
+
+    result = asyncio.run(collect(events(_ev(0, 10), _ev(1, 11), _ev(2, 12, "length"))))
+    assert result.token_ids == [10, 11, 12] and result.text == "<10><11><12>" and result.finish_reason == "length"
+    failed = TokenEvent("r", [], "", finish_reason="error", error="decode service gone", error_status=503)
+    with pytest.raises(ServiceError) as info:
+        asyncio.run(collect(events(_ev(0, 10), failed)))
+    assert info.value.status == 503 and "decode service gone" in info.value.message
