@@ -31,7 +31,7 @@ from prad.kv_cache import KVCache
 from prad.model import AdapterHooks, Model, apply_rope, rms_norm
 from prad.weights import LayerWeights
 
-LM_HEAD_CHUNK_ROWS = 2048  # CPU: vocab rows per LM-head GEMM, so each [2048, d] slice stays in cache
+LM_HEAD_CHUNK_ROWS = 2048  # CPU fp32: vocab rows per LM-head GEMM, so each [2048, d] slice stays in cache
 # On CPU the batch is padded to a multiple of this many columns: MKL's sgemm runs `W @ X` with 2-11
 # or odd column counts up to 2x slower than with the next multiple of 16 (e.g. a whole SmolLM2 step's
 # projections at 31 columns: 166 ms, padded to 32: 103 ms); one column (a GEMV) is left alone.
@@ -128,11 +128,13 @@ def _attention(c: ModelConfig, layer: int, lw: LayerWeights, x: torch.Tensor, po
     # [B, Hkv, 1, D] at each row's one position
     keys, values = kv.update(layer, k.permute(2, 0, 1).unsqueeze(2), v.permute(2, 0, 1).unsqueeze(2),
                              positions[:, None], mask.shape[-1])  # [B, Hkv, S, D]
-    # SDPA's fused CPU kernel needs a contiguous query; a strided one falls back to a path that
-    # copies K/V per query head.
-    q = q.permute(2, 0, 1).contiguous().unsqueeze(2)  # [B, H, 1, D]
-    a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim),
-                                       enable_gqa=c.num_kv_heads != c.num_heads)
+    # GQA folded into the query length: the G = H / Hkv query heads that share a KV head are one
+    # query block of G rows over the same keys (one token, so no causal order among them). SDPA's
+    # CPU kernel with enable_gqa walks K/V once per query head, and in bf16 converts every K/V block
+    # each time: folded it is 3.5-8x faster in bf16 and equal (+-6 %) in fp32 at batch 1-64 and
+    # 129-4,096 keys (docs/benchmarks.md). It needs a contiguous query, else SDPA copies K/V per head.
+    q = q.permute(2, 0, 1).contiguous().view(bsz, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
+    a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim))
     a_columns = _columns(a.reshape(bsz, c.q_size).t(), num_columns)  # [q_size, P]
     o = _linear(lw.o_w, a_columns, lw.o_b)
     return o if hooks is None else _token_major(hooks.adapt_o, layer, a_columns, o, bsz)
@@ -147,15 +149,20 @@ def _mlp(c: ModelConfig, lw: LayerWeights, z: torch.Tensor) -> torch.Tensor:
 
 
 def _lm_head(lm_head: torch.Tensor, h: torch.Tensor, bsz: int) -> torch.Tensor:
-    """lm_head [V, d] @ h [d, P] -> logits [B, V] of the first B columns (contiguous, fp32), one vocab
-    slice at a time: each slice's [rows, P] product is transposed into the output while it is still
-    in cache (one transpose of the whole [V, B] at the end costs ~13 ms at B = 64, V = 49,152)."""
+    """lm_head [V, d] with h [d, P] -> logits [B, V] of the first B columns (contiguous, fp32).
+
+    fp32 on CPU (MKL's sgemm): `lm_head @ h` one vocab slice at a time, each slice's [rows, P]
+    product transposed into the output while it is still in cache (a transpose of the whole [V, B]
+    at the end costs ~13 ms at B = 64, V = 49,152). Otherwise (bf16 on CPU runs through oneDNN, or a
+    GPU) one token-major GEMM `h.T @ lm_head.T`: in bf16 on a CPU with native bf16 it takes 1.9 /
+    2.2 / 6.0 ms at B = 1 / 8 / 64 against 3.6 / 6.4 / 9.8 ms sliced (docs/benchmarks.md)."""
+    if h.device.type != "cpu" or h.dtype != torch.float32:
+        return torch.mm(h[:, :bsz].t(), lm_head.t()).float()
     vocab = lm_head.shape[0]
-    chunk = LM_HEAD_CHUNK_ROWS if h.device.type == "cpu" else vocab  # a GPU wants one big GEMM
     logits = torch.empty(bsz, vocab, dtype=torch.float32, device=h.device)
-    part = torch.empty(min(chunk, vocab), h.shape[1], dtype=h.dtype, device=h.device)
-    for start in range(0, vocab, chunk):
-        rows = lm_head[start:start + chunk]
+    part = torch.empty(min(LM_HEAD_CHUNK_ROWS, vocab), h.shape[1], dtype=h.dtype, device=h.device)
+    for start in range(0, vocab, LM_HEAD_CHUNK_ROWS):
+        rows = lm_head[start:start + LM_HEAD_CHUNK_ROWS]
         torch.mm(rows, h, out=part[:rows.shape[0]])
         logits[:, start:start + rows.shape[0]].copy_(part[:rows.shape[0], :bsz].t())
     return logits
