@@ -3,14 +3,15 @@
 `Model.forward` keeps activations token-major (`[B, T, d]`) and multiplies `x @ W.T`, which is
 what prefill, training and the adapter hooks want. A decode step has T = 1 (and in the decode
 service no hooks), so here every activation is feature-major (`[d, B]`) and each projection is one
-`W @ X` GEMM whose output is already the next one's input layout. On the 2-core AVX2 CPU we develop
-on, MKL runs `W @ X` 15-50 % faster than `X @ W.T` at decode shapes (64 rows, 576..49,152
-features) and 1.6x faster for the LM head (bench/decode.py measures this step against
+`W @ X` GEMM whose output is already the next one's input layout. On the 2-core AVX2 CPU of the
+first sessions, MKL ran `W @ X` 15-50 % faster than `X @ W.T` at decode shapes (64 rows,
+576..49,152 features) and 1.6x faster for the LM head (bench/decode.py measures this step against
 `Model.forward` side by side; docs/benchmarks.md has the numbers). The maths is `Model.forward`'s,
 term by term (tests compare the two); only the order of floating-point sums inside matmuls differs.
 
-Attention still runs token-major (SDPA over the slot cache `[B, Hkv, S, D]`): its operands are
-small next to the KV it reads.
+Attention still runs token-major (SDPA over the slot cache `[B, Hkv, S, D]`, GQA folded into the
+query length): its operands are small next to the KV it reads. docs/design.md gives the reasons for
+this and for the step's other CPU choices (the bf16 LM head, element-wise work on one thread).
 
 The decode service never passes `hooks`. They exist for the benchmarks' conventional-adapter arms
 (LoRA applied at every decode step), so those decode through this same step and a comparison with
@@ -55,10 +56,12 @@ def decode_step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, 
     logit_index=0)` up to matmul rounding.
     """
     device = model.weights.embed.device
-    # On CPU the step's element-wise work runs inline on the calling thread and only the GEMMs and
-    # attention fan out to `threads`: each op on a [576, 64] tensor is just over torch's parallel
-    # grain, and waking a sleeping OpenMP thread for it (OMP_WAIT_POLICY=PASSIVE) costs ~50 us against
-    # ~5 us of work. Measured at batch 64: bf16 114 -> 82 ms per step, fp32 192 -> 172 ms.
+    # On CPU the step's element-wise work runs inline on the calling thread and only the GEMMs,
+    # attention and the LM head fan out to `threads`: each op on a [576, 64] tensor is just over
+    # torch's parallel grain, and waking a sleeping OpenMP thread for it (OMP_WAIT_POLICY=PASSIVE)
+    # costs ~50 us against ~5 us of work. Paired A/B at batch 64: x1.37 per step in bf16, x1.12 in
+    # fp32; neutral at batch 1-8. The thread count is process-wide: in embedded mode the step runs
+    # under the engines' compute lock, so prefill never computes while it is lowered.
     threads = torch.get_num_threads()
     with _num_threads(1 if device.type == "cpu" else threads):
         return _step(model, token_ids, positions, kv, hooks, threads)
@@ -161,7 +164,7 @@ def _attention(c: ModelConfig, layer: int, lw: LayerWeights, x: torch.Tensor, po
     # query block of G rows over the same keys (one token, so no causal order among them). SDPA's
     # CPU kernel with enable_gqa walks K/V once per query head, and in bf16 converts every K/V block
     # each time: folded it is 3.5-8x faster in bf16 and equal (+-6 %) in fp32 at batch 1-64 and
-    # 129-4,096 keys (docs/benchmarks.md). It needs a contiguous query, else SDPA copies K/V per head.
+    # 129-4,096 keys (docs/design.md). It needs a contiguous query, else SDPA copies K/V per head.
     q = q.permute(2, 0, 1).contiguous().view(bsz, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
     with _num_threads(threads):
         a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim))
