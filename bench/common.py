@@ -64,32 +64,46 @@ def add_common_args(parser: argparse.ArgumentParser, default_dtypes: str) -> Non
                         help="a local HF model directory (default: the embedded SmolLM2-135M-Instruct)")
 
 
-def cpu_model() -> str:
+def parse_cpuinfo(text: str) -> dict[str, str]:
+    """The first processor's fields of a /proc/cpuinfo text ("model name", "cpu family", "flags", ...)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the blank line after the first processor
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpuinfo() -> dict[str, str]:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return {}
 
 
-def cpu_flags() -> list[str]:
+def cpu_id(fields: dict[str, str]) -> str | None:
+    """e.g. "family 26 model 2 stepping 1": tells apart VMs whose model name is just "AMD EPYC"."""
+    names = ("cpu family", "model", "stepping")
+    if not all(name in fields for name in names):
+        return None
+    return " ".join(f"{name.removeprefix('cpu ')} {fields[name]}" for name in names)
+
+
+def cpu_flags(fields: dict[str, str]) -> list[str]:
     """The SIMD flags that decide fp32/bf16 matmul speed, as /proc/cpuinfo lists them."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return [f for f in CPU_FLAGS_OF_INTEREST if f in present]
-    except OSError:
-        pass
-    return []
+    present = set(fields.get("flags", "").split())
+    return [f for f in CPU_FLAGS_OF_INTEREST if f in present]
 
 
 def machine_info(dtypes: Sequence[str]) -> dict[str, Any]:
+    fields = cpuinfo()
     return {
-        "cpu_model": cpu_model(),
-        "cpu_flags": cpu_flags(),
+        "cpu_model": fields.get("model name") or platform.processor() or "unknown",
+        "cpu_id": cpu_id(fields),
+        "cpu_flags": cpu_flags(fields),
         "cores": len(os.sched_getaffinity(0)),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
