@@ -188,7 +188,8 @@ def _lm_head(lm_head: torch.Tensor, h: torch.Tensor, bsz: int) -> torch.Tensor:
     product transposed into the output while it is still in cache (a transpose of the whole [V, B]
     at the end costs ~13 ms at B = 64, V = 49,152). Otherwise (bf16 on CPU runs through oneDNN, or a
     GPU) one token-major GEMM `h.T @ lm_head.T`: in bf16 on a CPU with native bf16 it takes 1.9 /
-    2.2 / 6.0 ms at B = 1 / 8 / 64 against 3.6 / 6.4 / 9.8 ms sliced (docs/benchmarks.md)."""
+    2.2 / 6.0 ms at B = 1 / 8 / 64 against 3.6 / 6.4 / 9.8 ms sliced (measured in isolation, session 5;
+    docs/design.md)."""
     if h.device.type != "cpu" or h.dtype != torch.float32:
         return torch.mm(h[:, :bsz].t(), lm_head.t()).float()
     vocab = lm_head.shape[0]
