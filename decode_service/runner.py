@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from prad import kernels
 from prad.decode_step import decode_step
 from prad.model import Model
 
@@ -22,6 +23,8 @@ class DecodeRunner:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.cache = model.new_kv_cache(max_batch_size, 0)
+        if model.device.type == "cpu":
+            kernels.library()  # built (once per machine, ~20 s) at start-up rather than in the first request
 
     @property
     def num_kv_bytes(self) -> int:
@@ -47,9 +50,11 @@ class DecodeRunner:
         self.cache.move_row(src, dst, length)
 
     @torch.inference_mode()
-    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One step for rows [0, B): feed each row's newest token at its position; logits [B, V]."""
+    def decode(self, token_ids: list[int], positions: list[int], native_attention: bool = True) -> torch.Tensor:
+        """One step for rows [0, B): feed each row's newest token at its position; logits [B, V].
+        `native_attention=False` forces the PyTorch attention path (for benchmarks)."""
         device = self.model.device
         ids = torch.tensor(token_ids, device=device)  # [B]
         pos = torch.tensor(positions, device=device)  # [B]
-        return decode_step(self.model, ids, pos, self.cache.rows(len(token_ids)))
+        return decode_step(self.model, ids, pos, self.cache.rows(len(token_ids)),
+                           native_attention=native_attention)

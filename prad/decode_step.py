@@ -9,9 +9,11 @@ first sessions, MKL ran `W @ X` 15-50 % faster than `X @ W.T` at decode shapes (
 `Model.forward` side by side; docs/benchmarks.md has the numbers). The maths is `Model.forward`'s,
 term by term (tests compare the two); only the order of floating-point sums inside matmuls differs.
 
-Attention still runs token-major (SDPA over the slot cache `[B, Hkv, S, D]`, GQA folded into the
-query length): its operands are small next to the KV it reads. docs/design.md gives the reasons for
-this and for the step's other CPU choices (the bf16 LM head, element-wise work on one thread).
+Attention (with RoPE and the KV write) runs, per layer, through the native CPU kernel in
+prad/kernels where it is available (fp32 / bf16, common head shapes), else through PyTorch: SDPA
+over the slot cache `[B, Hkv, S, D]` with GQA folded into the query length. docs/design.md gives
+the reasons for both and for the step's other CPU choices (the bf16 LM head, element-wise work on
+one thread).
 
 The decode service never passes `hooks`. They exist for the benchmarks' conventional-adapter arms
 (LoRA applied at every decode step), so those decode through this same step and a comparison with
@@ -28,6 +30,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from prad import kernels
 from prad.config import ModelConfig
 from prad.kv_cache import KVCache
 from prad.model import AdapterHooks, Model, apply_rope, rms_norm
@@ -49,11 +52,13 @@ def padded_columns(batch: int, device: torch.device) -> int:
 
 @torch.inference_mode()
 def decode_step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
-                hooks: AdapterHooks | None = None) -> torch.Tensor:
+                hooks: AdapterHooks | None = None, native_attention: bool = True) -> torch.Tensor:
     """token_ids, positions: [B]; row b's token goes to position positions[b] of kv row b.
 
     Returns logits [B, V] in fp32, the same as `model.forward(ids[:, None], positions[:, None], kv,
-    logit_index=0)` up to matmul rounding.
+    logit_index=0)` up to matmul rounding. Attention runs through the native kernel (prad/kernels)
+    where it supports the device, dtype and head shape, unless `native_attention` is False
+    (bench/decode.py compares the two).
     """
     device = model.weights.embed.device
     # On CPU the step's element-wise work runs inline on the calling thread and only the GEMMs,
@@ -64,26 +69,22 @@ def decode_step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, 
     # under the engines' compute lock, so prefill never computes while it is lowered.
     threads = torch.get_num_threads()
     with _num_threads(1 if device.type == "cpu" else threads):
-        return _step(model, token_ids, positions, kv, hooks, threads)
+        return _step(model, token_ids, positions, kv, hooks, threads, native_attention)
 
 
 def _step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
-          hooks: AdapterHooks | None, threads: int) -> torch.Tensor:
+          hooks: AdapterHooks | None, threads: int, native_attention: bool) -> torch.Tensor:
     w, c = model.weights, model.config
     bsz = token_ids.shape[0]
     # h: [d, P], P >= B columns; padding columns start at zero and never reach attention or the KV.
     h = _columns(w.embed[token_ids].t(), padded_columns(bsz, w.embed.device))
     if w.pos_embed is not None:
         h[:, :bsz] += w.pos_embed[positions].t()
-    num_keys = int(positions.max()) + 1
-    key_pos = torch.arange(num_keys, device=positions.device)
-    mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, S]
-    rope = None
-    if model.rope is not None:
-        cos, sin = model.rope
-        rope = cos[positions].t()[None], sin[positions].t()[None]  # [1, D, B] against [heads, D, B]
+    native = native_attention and kernels.supports(w.embed.dtype, w.embed.device, c.head_dim,
+                                                   c.num_heads // c.num_kv_heads)
+    attend = _native_attend(model) if native else _torch_attend(model, positions)
     for i, lw in enumerate(w.layers):
-        h = h + _attention(c, i, lw, _norm(c, h, lw.attn_norm_w, lw.attn_norm_b), positions, kv, mask, rope,
+        h = h + _attention(c, i, lw, _norm(c, h, lw.attn_norm_w, lw.attn_norm_b), positions, kv, attend,
                            hooks, threads)
         z = _norm(c, h, lw.mlp_norm_w, lw.mlp_norm_b)
         y = _mlp(c, lw, z, threads)
@@ -143,34 +144,76 @@ def _norm(c: ModelConfig, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return rms_norm(x, weight[:, None], c.norm_eps, dim=0)
 
 
+# attend(layer, q [H, D, B], k [Hkv, D, B], v [Hkv, D, B], positions, kv, threads) -> [q_size, B]:
+# RoPE on q and k, the KV write at each row's position, attention over keys [0, position].
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, KVCache, int], torch.Tensor]
+
+
 def _attention(c: ModelConfig, layer: int, lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
-               kv: KVCache, mask: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-               hooks: AdapterHooks | None, threads: int) -> torch.Tensor:
+               kv: KVCache, attend: Attend, hooks: AdapterHooks | None, threads: int) -> torch.Tensor:
     """x: [d, P]; attention over the B = len(positions) real columns; returns [d, P]."""
     bsz, num_columns = positions.shape[0], x.shape[1]
     qkv = _linear(lw.qkv_w, x, lw.qkv_b, threads)
     if hooks is not None:
         qkv = _token_major(hooks.adapt_qkv, layer, x, qkv, bsz)
     q, k, v = qkv[:, :bsz].split([c.q_size, c.kv_size, c.kv_size], dim=0)
-    q = q.view(c.num_heads, c.head_dim, bsz)
-    k = k.view(c.num_kv_heads, c.head_dim, bsz)
-    v = v.view(c.num_kv_heads, c.head_dim, bsz)
-    if rope is not None:
-        q, k = apply_rope(q, rope, dim=1), apply_rope(k, rope, dim=1)  # head_dim is axis 1 of [heads, D, B]
-    # [B, Hkv, 1, D] at each row's one position
-    keys, values = kv.update(layer, k.permute(2, 0, 1).unsqueeze(2), v.permute(2, 0, 1).unsqueeze(2),
-                             positions[:, None], mask.shape[-1])  # [B, Hkv, S, D]
-    # GQA folded into the query length: the G = H / Hkv query heads that share a KV head are one
-    # query block of G rows over the same keys (one token, so no causal order among them). SDPA's
-    # CPU kernel with enable_gqa walks K/V once per query head, and in bf16 converts every K/V block
-    # each time: folded it is 3.5-8x faster in bf16 and equal (+-6 %) in fp32 at batch 1-64 and
-    # 129-4,096 keys (docs/design.md). It needs a contiguous query, else SDPA copies K/V per head.
-    q = q.permute(2, 0, 1).contiguous().view(bsz, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
-    with _num_threads(threads):
-        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim))
-    a_columns = _columns(a.reshape(bsz, c.q_size).t(), num_columns)  # [q_size, P]
+    a = attend(layer, q.view(c.num_heads, c.head_dim, bsz), k.view(c.num_kv_heads, c.head_dim, bsz),
+               v.view(c.num_kv_heads, c.head_dim, bsz), positions, kv, threads)
+    a_columns = _columns(a, num_columns)  # [q_size, P]
     o = _linear(lw.o_w, a_columns, lw.o_b, threads)
     return o if hooks is None else _token_major(hooks.adapt_o, layer, a_columns, o, bsz)
+
+
+def _native_attend(model: Model) -> Attend:
+    """Attention through prad/kernels (CPU, fp32 / bf16): RoPE, KV write and attention in one call
+    per layer, each row's K/V streamed once for all the query heads that share it. On the 2-core
+    Xeon (AMX) VM of session 6, bf16 at batch 64: ~1.5 -> ~0.3 ms per layer (docs/design.md)."""
+    c = model.config
+    scale = 1.0 / math.sqrt(c.head_dim)
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               kv: KVCache, threads: int) -> torch.Tensor:
+        bsz = positions.shape[0]
+        out = q.new_empty(c.q_size, bsz)
+        kernels.decode_attention(q.permute(2, 0, 1), k.permute(2, 0, 1), v.permute(2, 0, 1), kv.k[layer],
+                                 kv.v[layer], positions, model.rope, scale,
+                                 out.view(c.num_heads, c.head_dim, bsz).permute(2, 0, 1), threads)
+        return out
+
+    return attend
+
+
+def _torch_attend(model: Model, positions: torch.Tensor) -> Attend:
+    """Attention through PyTorch ops (GPU, or a CPU without the native kernel): RoPE in fp32,
+    `KVCache.update`, then SDPA with GQA folded into the query length."""
+    c = model.config
+    num_keys = int(positions.max()) + 1
+    key_pos = torch.arange(num_keys, device=positions.device)
+    mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    rope = None
+    if model.rope is not None:
+        cos, sin = model.rope
+        rope = cos[positions].t()[None], sin[positions].t()[None]  # [1, D, B] against [heads, D, B]
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               kv: KVCache, threads: int) -> torch.Tensor:
+        bsz = positions.shape[0]
+        if rope is not None:
+            q, k = apply_rope(q, rope, dim=1), apply_rope(k, rope, dim=1)  # head_dim is axis 1 of [heads, D, B]
+        # [B, Hkv, 1, D] at each row's one position
+        keys, values = kv.update(layer, k.permute(2, 0, 1).unsqueeze(2), v.permute(2, 0, 1).unsqueeze(2),
+                                 positions[:, None], num_keys)  # [B, Hkv, S, D]
+        # GQA folded into the query length: the G = H / Hkv query heads that share a KV head are one
+        # query block of G rows over the same keys (one token, so no causal order among them). SDPA's
+        # CPU kernel with enable_gqa walks K/V once per query head, and in bf16 converts every K/V
+        # block each time: folded it is 3.5-8x faster in bf16 and equal (+-6 %) in fp32 at batch 1-64
+        # and 129-4,096 keys (docs/design.md). It needs a contiguous query, else SDPA copies K/V per head.
+        q = q.permute(2, 0, 1).contiguous().view(bsz, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
+        with _num_threads(threads):
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim))
+        return a.reshape(bsz, c.q_size).t()
+
+    return attend
 
 
 def _mlp(c: ModelConfig, lw: LayerWeights, z: torch.Tensor, threads: int) -> torch.Tensor:

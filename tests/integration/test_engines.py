@@ -115,21 +115,25 @@ def test_early_leavers_do_not_disturb_others(small_cache_server) -> None:
 
 
 def test_bf16_decode_batch_shape_tolerance(smollm2) -> None:
-    """bf16: a row's logits in a batch of 8 vs alone differ only by rounding (documented bound)."""
+    """bf16: a row's logits in a batch of 8 vs alone differ only by rounding: by at most 5 % of the
+    row's logit range, the bound bf16 itself meets against the fp32 model. Measured on the 2-core
+    Xeon VM (session 6): batch vs alone 0 on 7 of 8 rows and 0.81 on one; bf16 vs fp32 0.32-1.13;
+    logits spanning ~37. A row fed the wrong KV or position is off by O(range)."""
     from prad.loading import load_model
 
     bf16 = load_model(None, "cpu", "bfloat16")
     prompts = [bf16.tokenizer(f"Sentence number {i} is about").input_ids for i in range(8)]
-    kvs = [PrefillRunner(bf16.model).run([ChunkInput(p, 0, None, None)])[0].kv for p in prompts]
-    batch = DecodeRunner(bf16.model, 8, 64)
-    alone = DecodeRunner(bf16.model, 1, 64)
-    batch.ensure_capacity(64)
-    alone.ensure_capacity(64)
-    for row, kv in enumerate(kvs):
-        batch.insert(row, kv)
-    together = batch.decode([11] * 8, [len(p) for p in prompts])
-    for row, kv in enumerate(kvs):
-        alone.insert(0, kv)
-        single = alone.decode([11], [len(prompts[row])])
-        # logits are O(10-30); bf16 keeps ~3 significant digits, so rounding moves them by < 0.5
-        assert (together[row] - single[0]).abs().max() < 0.5
+    positions = [len(p) for p in prompts]
+
+    def step(loaded, rows: list[int]) -> torch.Tensor:
+        runner = DecodeRunner(loaded.model, len(rows), 64)
+        runner.ensure_capacity(64)
+        for slot, row in enumerate(rows):
+            runner.insert(slot, PrefillRunner(loaded.model).run([ChunkInput(prompts[row], 0, None, None)])[0].kv)
+        return runner.decode([11] * len(rows), [positions[r] for r in rows])
+
+    together, fp32 = step(bf16, list(range(8))), step(smollm2, list(range(8)))
+    for row in range(8):
+        single, bound = step(bf16, [row])[0], 0.05 * (fp32[row].max() - fp32[row].min())
+        assert (together[row] - single).abs().max() < bound, row
+        assert (single - fp32[row]).abs().max() < bound, row

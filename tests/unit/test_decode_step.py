@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from prad import kernels
 from prad.adapters import RowAdapters
 from prad.config import model_config_from_hf
 from prad.decode_step import LM_HEAD_CHUNK_ROWS, decode_step, padded_columns
@@ -14,6 +15,16 @@ from prad.kv_cache import KVCache
 from prad.model import Model
 from prad.weights import read_tensors, weights_from_tensors
 from tests.helpers import random_adapter, tiny_hf_model
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def attention_path(request, monkeypatch) -> str:
+    """Every test runs twice: attention through the native kernel (prad/kernels) and through PyTorch."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "supports", lambda *args: False)
+    elif kernels.library() is None:
+        pytest.skip("the native decode attention could not be built here (no C++ compiler?)")
+    return request.param
 
 
 def _model(family: str, tmp_path, vocab_size: int) -> Model:

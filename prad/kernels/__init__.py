@@ -1,0 +1,196 @@
+"""Native CPU kernels: C++ sources compiled on first use with the host's compiler, cached by hash.
+
+Only one so far: decode attention (decode_attention.cpp), which the decode step uses on the CPU in
+fp32 and bf16 in place of RoPE + `KVCache.update` + SDPA (docs/design.md gives the measurements).
+It is built with `-march=native`, so the cached library is keyed by the source, the flags, the
+compiler and the CPU's feature flags; a machine without a C++ compiler, or with
+`PRAD_NATIVE_KERNELS=0`, runs the PyTorch path instead (logged once), with the same results up to
+floating-point rounding.
+
+The library is linked with `-fopenmp` and loaded after torch, so the dynamic linker resolves
+`libgomp.so.1` to the runtime torch already loaded: the kernel's parallel region uses torch's
+OpenMP threads rather than a second pool competing for the same cores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_attention.cpp")
+# 512-bit vectors where the CPU has them (GCC prefers 256 on some Intel parts; the kernel's register
+# blocking assumes 16-float vectors); the flag exists on x86 only.
+_X86_FLAGS = ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
+CFLAGS = ("-O3", "-march=native", *_X86_FLAGS, "-fopenmp", "-fPIC", "-shared")
+DISABLE_ENV = "PRAD_NATIVE_KERNELS"  # "0" turns the native kernels off
+COMPILE_TIMEOUT_S = 120
+_ENTRY = {torch.float32: "prad_decode_attention_f32", torch.bfloat16: "prad_decode_attention_bf16"}
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ARGTYPES = ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64,
+              _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_float, _PTR, _I64, _I64, _I64, ctypes.c_int])
+
+
+def enabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def compiler() -> str | None:
+    """The C++ compiler to build with: $CXX, else c++ or g++ on PATH."""
+    for name in (os.environ.get("CXX"), "c++", "g++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (what -march=native compiles for); empty where /proc/cpuinfo is absent."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def build_key(source: bytes, cc_version: str, flags: str) -> str:
+    """What the cached library depends on, hashed: source, compiler flags, compiler and CPU."""
+    digest = hashlib.sha256()
+    for part in (source, " ".join(CFLAGS).encode(), cc_version.encode(), flags.encode(),
+                 platform.machine().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def build(cc: str, source: Path, out: Path) -> None:
+    """Compile `source` into the shared library `out` (atomically: concurrent builders are safe)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *CFLAGS, "-o", tmp, str(source)], check=True, capture_output=True,
+                       text=True, timeout=COMPILE_TIMEOUT_S)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _cache_dir() -> Path:
+    from prad.loading import cache_root
+
+    return cache_root() / "kernels"
+
+
+def library_file(cc: str) -> Path:
+    """Where the library built by `cc` for this CPU is cached."""
+    version = subprocess.run([cc, "--version"], check=True, capture_output=True, text=True, timeout=30).stdout
+    return _cache_dir() / f"decode_attention-{build_key(SOURCE.read_bytes(), version, cpu_flags())}.so"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled decode-attention library, built on first use; None where it cannot be (logged)."""
+    if not enabled():
+        log.info("native kernels off (%s=0): decode attention runs through PyTorch", DISABLE_ENV)
+        return None
+    cc = compiler()
+    if cc is None:
+        log.warning("no C++ compiler found ($CXX, c++, g++): decode attention runs through PyTorch (slower)")
+        return None
+    try:
+        out = library_file(cc)
+        if not out.exists():
+            log.info("compiling %s -> %s (once per machine)", SOURCE.name, out)
+            build(cc, SOURCE, out)
+        lib = ctypes.CDLL(str(out))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        log.warning("could not build the native decode attention (%s): running it through PyTorch", detail)
+        return None
+    for name in _ENTRY.values():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+    lib.prad_decode_attention_supports.argtypes = [_I64, _I64]
+    lib.prad_decode_attention_supports.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def supports(dtype: torch.dtype, device: torch.device, head_dim: int, group: int) -> bool:
+    """Whether `decode_attention` runs on this device for this dtype, head_dim and number of query
+    heads per KV head (the kernel is specialised for head_dim 16/32/64/128, groups 1-8)."""
+    if device.type != "cpu" or dtype not in _ENTRY:
+        return False
+    lib = library()
+    return lib is not None and bool(lib.prad_decode_attention_supports(head_dim, group))
+
+
+def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, positions: torch.Tensor,
+                     rope: tuple[torch.Tensor, torch.Tensor] | None, scale: float, out: torch.Tensor,
+                     threads: int) -> None:
+    """One layer of a decode step, in place: RoPE on q and k_new (if `rope`), k_new / v_new written to
+    the cache at each row's position, then attention of q over keys [0, position] into `out`.
+
+    q, out: [B, H, D] and k_new, v_new: [B, Hkv, D], any strides (k_new and v_new the same ones);
+    k_cache, v_cache: one layer of the slot cache, [rows >= B, Hkv, capacity, D], contiguous in the
+    last two dims; positions: [B] int64; rope: the model's fp32 cos / sin tables [max_positions, D].
+    """
+    lib = library()
+    assert lib is not None and q.dtype in _ENTRY, "check supports() first"
+    bsz, num_heads, head_dim = q.shape
+    num_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    _check(q, k_new, v_new, k_cache, v_cache, positions, out)
+    cos, sin = (None, None) if rope is None else (rope[0].contiguous(), rope[1].contiguous())
+    if cos is not None:
+        capacity = min(capacity, cos.shape[0])
+    positions = positions.contiguous()
+    status = getattr(lib, _ENTRY[q.dtype])(
+        q.data_ptr(), *q.stride(), k_new.data_ptr(), v_new.data_ptr(), *k_new.stride(),
+        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), capacity,
+        positions.data_ptr(), bsz, num_heads, num_kv_heads, head_dim,
+        None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(), scale,
+        out.data_ptr(), *out.stride(), threads)
+    if status == -2:
+        raise ValueError(f"decode_attention: no kernel for head_dim {head_dim} with {num_heads // num_kv_heads} "
+                         "query heads per KV head (check supports() first)")
+    if status != 0:  # nothing was written
+        if int(positions.min()) < 0:
+            raise ValueError(f"negative position {int(positions.min())}")
+        raise ValueError(f"position {int(positions.max())} exceeds KV capacity {capacity}")
+
+
+def _check(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+           v_cache: torch.Tensor, positions: torch.Tensor, out: torch.Tensor) -> None:
+    bsz, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    tensors = (q, k_new, v_new, k_cache, v_cache, out)
+    if any(t.dtype != q.dtype or t.device.type != "cpu" for t in tensors):
+        raise TypeError("decode_attention: q, k, v, the cache and out must share one dtype, on the CPU")
+    if k_new.shape != (bsz, num_kv_heads, head_dim) or v_new.shape != k_new.shape or out.shape != q.shape:
+        raise ValueError(f"decode_attention: shapes q {tuple(q.shape)}, k {tuple(k_new.shape)}, "
+                         f"v {tuple(v_new.shape)}, out {tuple(out.shape)} do not match")
+    if v_new.stride() != k_new.stride():
+        raise ValueError("decode_attention: k_new and v_new must have the same strides")
+    if (k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.shape[0] < bsz
+            or k_cache.shape[3] != head_dim or k_cache.stride(3) != 1 or k_cache.stride(2) != head_dim):
+        raise ValueError("decode_attention: the caches must be [rows >= B, Hkv, capacity, D] with the "
+                         "same strides, contiguous in the last two dims")
+    if num_heads % num_kv_heads or positions.shape != (bsz,) or positions.dtype != torch.int64:
+        raise ValueError("decode_attention: heads must be a multiple of KV heads; positions [B] int64")
+    if positions.device.type != "cpu":
+        raise ValueError("decode_attention: positions must be on the CPU")

@@ -1,0 +1,12 @@
+"""`python -m prad.kernels`: build (or find) the native library now, so no request waits for it."""
+
+import logging
+
+from prad import kernels
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+cc = kernels.compiler()
+if kernels.library() is None or cc is None:
+    print("native decode attention: not available, the decode step runs attention through PyTorch")
+else:
+    print(f"native decode attention: {kernels.library_file(cc)}")

@@ -1,0 +1,135 @@
+"""The native decode attention (prad/kernels) against a plain PyTorch reference, and its build."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from prad import kernels
+from prad.model import apply_rope
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """library() and supports() recomputed from scratch, building into an empty cache dir."""
+    monkeypatch.setenv("PRAD_CACHE_DIR", str(tmp_path))
+    kernels.library.cache_clear()
+    kernels.supports.cache_clear()
+    yield tmp_path
+    kernels.library.cache_clear()
+    kernels.supports.cache_clear()
+
+
+@pytest.fixture
+def lib():
+    if kernels.compiler() is None:
+        pytest.skip("no C++ compiler")
+    built = kernels.library()
+    assert built is not None, "a C++ compiler is present, so the kernel must build"
+    return built
+
+
+def _rope_tables(max_positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    emb = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq).repeat(1, 2)
+    return emb.cos().float(), emb.sin().float()
+
+
+def _reference(q, k_new, v_new, k_cache, v_cache, positions, rope):
+    """RoPE in fp32 rounded to the dtype (as the model does), KV write, attention in fp64."""
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    out = torch.empty_like(q)
+    group = q.shape[1] // k_cache.shape[1]
+    for b, pos in enumerate(positions.tolist()):
+        qb, kb = q[b], k_new[b]
+        if rope is not None:
+            cos, sin = rope[0][pos], rope[1][pos]
+            qb, kb = apply_rope(qb, (cos, sin)), apply_rope(kb, (cos, sin))
+        k_cache[b, :, pos], v_cache[b, :, pos] = kb, v_new[b]
+        keys = k_cache[b, :, :pos + 1].double().repeat_interleave(group, dim=0)  # [H, S, D]
+        values = v_cache[b, :, :pos + 1].double().repeat_interleave(group, dim=0)
+        scores = torch.einsum("hd,hsd->hs", qb.double(), keys) / math.sqrt(q.shape[-1])
+        out[b] = torch.einsum("hs,hsd->hd", scores.softmax(-1), values).to(q.dtype)
+    return out, k_cache, v_cache
+
+
+CASES = [  # (num_heads, num_kv_heads, head_dim, rope)
+    (9, 3, 64, True),  # SmolLM2
+    (4, 2, 16, True),  # the tests' tiny Llama
+    (4, 4, 32, False),  # GPT-2 style: no RoPE, no GQA
+    (8, 1, 128, True),  # multi-query, head_dim 128
+]
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim", "rope"), CASES)
+def test_decode_attention_matches_reference(lib, dtype, tol, num_heads, num_kv_heads, head_dim, rope) -> None:
+    gen = torch.Generator().manual_seed(head_dim + num_heads)
+    positions = torch.tensor([0, 5, 130, 300, 1])  # one key, short rows, and rows over several key blocks
+    rows, capacity, bsz = 6, 320, len(positions)  # more cache rows than batch rows: row 5 stays untouched
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+    # q, k, v as the decode step passes them: feature-major [heads, D, B] viewed as [B, heads, D]
+    q = randn(num_heads, head_dim, bsz).permute(2, 0, 1)
+    kv_new = randn(2 * num_kv_heads, head_dim, bsz).permute(2, 0, 1)
+    k_new, v_new = kv_new[:, :num_kv_heads], kv_new[:, num_kv_heads:]
+    k_cache, v_cache = randn(rows, num_kv_heads, capacity, head_dim), randn(rows, num_kv_heads, capacity, head_dim)
+    tables = _rope_tables(capacity, head_dim) if rope else None
+    ref_out, ref_k, ref_v = _reference(q, k_new, v_new, k_cache, v_cache, positions, tables)
+    out = torch.empty(num_heads, head_dim, bsz, dtype=dtype).permute(2, 0, 1)  # strided, as in the step
+    kernels.decode_attention(q, k_new, v_new, k_cache, v_cache, positions, tables, 1 / math.sqrt(head_dim), out,
+                             threads=2)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)  # the new K/V landed exactly, only there
+    err = (out.float() - ref_out.float()).abs().max()
+    assert err <= tol * max(1.0, ref_out.float().abs().max()), err
+
+
+def test_decode_attention_refuses_a_position_past_the_cache_and_writes_nothing(lib) -> None:
+    k_cache, v_cache = torch.zeros(2, 1, 8, 16), torch.zeros(2, 1, 8, 16)
+    q, kv = torch.ones(2, 2, 16), torch.ones(2, 1, 16)
+    with pytest.raises(ValueError, match="position 8 exceeds KV capacity 8"):
+        kernels.decode_attention(q, kv, kv, k_cache, v_cache, torch.tensor([3, 8]), None, 0.25, q.clone(), 1)
+    assert not k_cache.any() and not v_cache.any()
+    with pytest.raises(TypeError, match="must share one dtype"):
+        kernels.decode_attention(q, kv, kv, k_cache.double(), v_cache.double(), torch.tensor([3, 4]), None, 0.25,
+                                 q.clone(), 1)
+
+
+def test_supports_names_the_shapes_the_kernel_is_built_for(lib) -> None:
+    cpu = torch.device("cpu")
+    assert kernels.supports(torch.bfloat16, cpu, 64, 3) and kernels.supports(torch.float32, cpu, 128, 8)
+    assert not kernels.supports(torch.float32, cpu, 80, 1)  # head_dim 80: PyTorch path
+    assert not kernels.supports(torch.float32, cpu, 64, 12)  # 12 query heads per KV head
+    assert not kernels.supports(torch.float16, cpu, 64, 1)
+
+
+def test_library_is_built_once_and_cached(fresh_build, lib) -> None:
+    built = list((fresh_build / "kernels").glob("decode_attention-*.so"))
+    assert len(built) == 1
+    kernels.library.cache_clear()
+    mtime = built[0].stat().st_mtime_ns
+    assert kernels.library() is not None and built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+def test_without_a_working_compiler_the_step_falls_back_to_pytorch(fresh_build, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("CXX", "false")  # on PATH, fails
+    with caplog.at_level(logging.WARNING, logger="prad.kernels"):
+        assert kernels.library() is None
+    assert "could not build the native decode attention" in caplog.text
+    assert not kernels.supports(torch.float32, torch.device("cpu"), 64, 3)
+
+
+def test_the_environment_switch_turns_the_kernel_off(fresh_build, monkeypatch) -> None:
+    monkeypatch.setenv(kernels.DISABLE_ENV, "0")
+    assert kernels.library() is None
+    assert not list(fresh_build.glob("kernels/*.so"))
+
+
+def test_build_key_follows_source_compiler_and_cpu() -> None:
+    base = kernels.build_key(b"src", "g++ 12", "avx2")
+    assert base == kernels.build_key(b"src", "g++ 12", "avx2")
+    assert len({base, kernels.build_key(b"src2", "g++ 12", "avx2"), kernels.build_key(b"src", "g++ 13", "avx2"),
+                kernels.build_key(b"src", "g++ 12", "avx2 avx512f")}) == 4
