@@ -16,10 +16,10 @@ What is measured, per dtype (`--dtypes`) and batch size B (`--batches`):
 * (c) forward: the base KV stepped through the generic token-major `Model.forward` (what the
   decode service ran before prad/decode_step.py); step/forward is the paired speed-up of the
   feature-major decode step over it.
-* (d) torch-attn: the base KV through the same decode step with attention on the PyTorch path
-  (RoPE, `KVCache.update`, SDPA) instead of the native kernel (prad/kernels); native/torch is the
-  kernel's paired speed-up of the whole step (1.0 where the kernel is not available: `machine`
-  records whether it was).
+* (d) torch-ops: the base KV through the same decode step on PyTorch ops only: attention through
+  RoPE + `KVCache.update` + SDPA, and the residual add + RMSNorm and SiLU * up as separate ops,
+  instead of the native kernels (prad/kernels); native/torch is the kernels' paired speed-up of the
+  whole step (1.0 where they are not available: `machine` records whether they were).
 * A plain `torch.matmul` FLOP rate, same dtype: [`--ref-rows` (64), d] x [d, intermediate]
   (576 x 1536 on SmolLM2), plus [B, d] x [d, intermediate] per batch size for context; each the
   fastest of three layouts (right operand contiguous; right operand the transposed `[out, in]`
@@ -73,7 +73,7 @@ from prefill_service.runner import ChunkInput, ChunkOutput, PrefillRunner
 
 # "forward": the base KV again, stepped through the generic token-major `Model.forward` instead of
 # the decode step (prad/decode_step.py), so the two implementations are compared in the same run.
-CONDITIONS = ("base", "tasks", "forward", "torch-attn")
+CONDITIONS = ("base", "tasks", "forward", "torch-ops")
 FLOP_COUNT = ("per step: 2*B*(linear weight count: qkv, o, gate|up, down of every layer + lm_head) "
               "+ attention 4*B*layers*num_heads*head_dim*num_keys (num_keys = position+1); "
               "embedding, norms, RoPE, SiLU, softmax, KV write, argmax not counted")
@@ -86,7 +86,7 @@ class DecodeState:
     runner: DecodeRunner
     first_tokens: list[int]  # per row: the token sampled (greedily) from the prefill logits
     generic: bool = False  # step through `Model.forward` (forward_step) instead of runner.decode
-    native_attention: bool = True  # False: the decode step's PyTorch attention path
+    native_kernels: bool = True  # False: the decode step on PyTorch ops only
 
 
 @dataclass
@@ -100,7 +100,7 @@ class BatchResult:
     tasks_over_base: float = 0.0  # median of per-round paired ratios
     tasks_over_base_of_medians: float = 0.0  # ratio of the two medians, for comparison
     step_over_forward: float = 0.0  # decode step speed-up over the generic forward (paired, base KV)
-    native_over_torch_attention: float = 0.0  # the native attention kernel's speed-up of the step (paired)
+    native_over_torch_ops: float = 0.0  # the native kernels' speed-up of the step (paired)
     flops_per_step: float = 0.0  # mean over the timed steps
     achieved_flops_per_s: float = 0.0  # base condition
     matmul_ref_flops_per_s: float = 0.0  # [ref_rows, d] x [d, I]
@@ -188,7 +188,7 @@ def decode_steps(state: DecodeState, batch: int, context: int, steps: int) -> No
         if state.generic:
             logits = forward_step(state.runner, tokens, positions)
         else:
-            logits = state.runner.decode(tokens, positions, native_attention=state.native_attention)
+            logits = state.runner.decode(tokens, positions, native_kernels=state.native_kernels)
         tokens = logits.argmax(dim=-1).tolist()
 
 
@@ -209,7 +209,7 @@ def prepare_states(loaded: LoadedModel, args: argparse.Namespace) -> dict[str, D
                                      desc=f"prefill KV ({cond})")
         states[cond] = build_state(loaded, outputs, capacity)
     states["forward"] = replace(states["base"], generic=True)  # the same runner and KV
-    states["torch-attn"] = replace(states["base"], native_attention=False)
+    states["torch-ops"] = replace(states["base"], native_kernels=False)
     return states
 
 
@@ -273,7 +273,7 @@ def summarise(runs: Runs, config: ModelConfig, dtype: str, args: argparse.Namesp
             tokens_per_s_runs=runs.tokens_per_s[batch], tasks_over_base=paired_ratio(runs.tokens_per_s[batch]),
             tasks_over_base_of_medians=tps["tasks"] / tps["base"],
             step_over_forward=paired_ratio(runs.tokens_per_s[batch], "base", "forward"),
-            native_over_torch_attention=paired_ratio(runs.tokens_per_s[batch], "base", "torch-attn"),
+            native_over_torch_ops=paired_ratio(runs.tokens_per_s[batch], "base", "torch-ops"),
             flops_per_step=flops, achieved_flops_per_s=achieved, matmul_ref_flops_per_s=ref,
             matmul_same_rows_flops_per_s=same_rows, fraction_of_matmul_ref=achieved / ref,
             fraction_of_matmul_same_rows=achieved / same_rows))
@@ -294,11 +294,11 @@ def measure_dtype(dtype: str, args: argparse.Namespace) -> tuple[list[BatchResul
 
 def print_report(results: list[BatchResult], ref_rows: int) -> None:
     headers = ["dtype", "batch", "base tok/s", "tasks tok/s", "tasks/base", "step ms", "forward ms",
-               "step/forward", "torch-attn ms", "native/torch", "GFLOP/s", f"matmul{ref_rows} GFLOP/s",
+               "step/forward", "torch-ops ms", "native/torch", "GFLOP/s", f"matmul{ref_rows} GFLOP/s",
                f"frac of mm{ref_rows}", "frac of mmB"]
     rows = [[r.dtype, r.batch, r.tokens_per_s["base"], r.tokens_per_s["tasks"], r.tasks_over_base,
              1000.0 * r.batch / r.tokens_per_s["base"], 1000.0 * r.batch / r.tokens_per_s["forward"],
-             r.step_over_forward, 1000.0 * r.batch / r.tokens_per_s["torch-attn"], r.native_over_torch_attention,
+             r.step_over_forward, 1000.0 * r.batch / r.tokens_per_s["torch-ops"], r.native_over_torch_ops,
              r.achieved_flops_per_s / 1e9,
              r.matmul_ref_flops_per_s / 1e9, r.fraction_of_matmul_ref, r.fraction_of_matmul_same_rows]
             for r in results]
@@ -317,7 +317,7 @@ def plot(results: list[BatchResult], path: Path, ref_rows: int, tasks: int) -> N
         ax_tps.plot(xs, [r.tokens_per_s["base"] for r in rs], "o-", label=f"{dtype} base")
         ax_tps.plot(xs, [r.tokens_per_s["tasks"] for r in rs], "x--", label=f"{dtype} {tasks}-task KV")
         ax_tps.plot(xs, [r.tokens_per_s["forward"] for r in rs], "s:", label=f"{dtype} base, generic forward")
-        ax_tps.plot(xs, [r.tokens_per_s["torch-attn"] for r in rs], "d-.", label=f"{dtype} base, PyTorch attention")
+        ax_tps.plot(xs, [r.tokens_per_s["torch-ops"] for r in rs], "d-.", label=f"{dtype} base, PyTorch ops only")
         ax_frac.plot(xs, [r.fraction_of_matmul_ref for r in rs], "o-", label=f"{dtype} vs matmul{ref_rows}")
     ax_tps.set(xlabel="batch", ylabel="decode tokens/s", title="decode throughput (median)")
     ax_frac.axhline(0.5, color="grey", linestyle=":", label="target 0.5")
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_threads(args.threads)
     machine = machine_info(args.dtypes)
-    machine["native_attention"] = args.device == "cpu" and kernels.library() is not None
+    machine["native_kernels"] = args.device == "cpu" and kernels.library() is not None
     results: list[BatchResult] = []
     references: dict[str, Any] = {}
     for dtype in args.dtypes:

@@ -50,11 +50,11 @@ class DecodeRunner:
         self.cache.move_row(src, dst, length)
 
     @torch.inference_mode()
-    def decode(self, token_ids: list[int], positions: list[int], native_attention: bool = True) -> torch.Tensor:
+    def decode(self, token_ids: list[int], positions: list[int], native_kernels: bool = True) -> torch.Tensor:
         """One step for rows [0, B): feed each row's newest token at its position; logits [B, V].
-        `native_attention=False` forces the PyTorch attention path (for benchmarks)."""
+        `native_kernels=False` runs the step on PyTorch ops only (for benchmarks)."""
         device = self.model.device
         ids = torch.tensor(token_ids, device=device)  # [B]
         pos = torch.tensor(positions, device=device)  # [B]
         return decode_step(self.model, ids, pos, self.cache.rows(len(token_ids)),
-                           native_attention=native_attention)
+                           native_kernels=native_kernels)

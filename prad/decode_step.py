@@ -52,13 +52,13 @@ def padded_columns(batch: int, device: torch.device) -> int:
 
 @torch.inference_mode()
 def decode_step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
-                hooks: AdapterHooks | None = None, native_attention: bool = True) -> torch.Tensor:
+                hooks: AdapterHooks | None = None, native_kernels: bool = True) -> torch.Tensor:
     """token_ids, positions: [B]; row b's token goes to position positions[b] of kv row b.
 
     Returns logits [B, V] in fp32, the same as `model.forward(ids[:, None], positions[:, None], kv,
-    logit_index=0)` up to matmul rounding. Attention runs through the native kernel (prad/kernels)
-    where it supports the device, dtype and head shape, unless `native_attention` is False
-    (bench/decode.py compares the two).
+    logit_index=0)` up to matmul rounding. Attention and (for RMSNorm models) the residual add +
+    norm and SiLU * up run through the native kernels (prad/kernels) where they support the device,
+    dtype and head shape, unless `native_kernels` is False (bench/decode.py compares the two).
     """
     device = model.weights.embed.device
     # On CPU the step's element-wise work runs inline on the calling thread and only the GEMMs,
@@ -69,28 +69,60 @@ def decode_step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, 
     # under the engines' compute lock, so prefill never computes while it is lowered.
     threads = torch.get_num_threads()
     with _num_threads(1 if device.type == "cpu" else threads):
-        return _step(model, token_ids, positions, kv, hooks, threads, native_attention)
+        return _step(model, token_ids, positions, kv, hooks, threads, native_kernels)
 
 
 def _step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
-          hooks: AdapterHooks | None, threads: int, native_attention: bool) -> torch.Tensor:
+          hooks: AdapterHooks | None, threads: int, native_kernels: bool) -> torch.Tensor:
     w, c = model.weights, model.config
     bsz = token_ids.shape[0]
     # h: [d, P], P >= B columns; padding columns start at zero and never reach attention or the KV.
     h = _columns(w.embed[token_ids].t(), padded_columns(bsz, w.embed.device))
     if w.pos_embed is not None:
         h[:, :bsz] += w.pos_embed[positions].t()
-    native = native_attention and kernels.supports(w.embed.dtype, w.embed.device, c.head_dim,
-                                                   c.num_heads // c.num_kv_heads)
+    native = native_kernels and kernels.supports(w.embed.dtype, w.embed.device, c.head_dim,
+                                                 c.num_heads // c.num_kv_heads)
     attend = _native_attend(model) if native else _torch_attend(model, positions)
+    fused = native_kernels and c.family == "llama" and kernels.supports_elementwise(w.embed.dtype, w.embed.device)
+    add_norm = _fused_add_norm(c) if fused else _torch_add_norm(c)
+    # Each layer's input norm is computed with the residual add that precedes it (the previous
+    # layer's MLP output; the last one's feeds the final norm).
+    h, x = add_norm(h, None, w.layers[0].attn_norm_w, w.layers[0].attn_norm_b)
     for i, lw in enumerate(w.layers):
-        h = h + _attention(c, i, lw, _norm(c, h, lw.attn_norm_w, lw.attn_norm_b), positions, kv, attend,
-                           hooks, threads)
-        z = _norm(c, h, lw.mlp_norm_w, lw.mlp_norm_b)
-        y = _mlp(c, lw, z, threads)
-        h = h + (y if hooks is None else _token_major(hooks.adapt_mlp, i, z, y, bsz))
+        h, z = add_norm(h, _attention(c, i, lw, x, positions, kv, attend, hooks, threads), lw.mlp_norm_w,
+                        lw.mlp_norm_b)
+        y = _mlp(c, lw, z, threads, fused)
+        if hooks is not None:
+            y = _token_major(hooks.adapt_mlp, i, z, y, bsz)
+        following = w.layers[i + 1] if i + 1 < len(w.layers) else None
+        h, x = add_norm(h, y, following.attn_norm_w if following else w.final_norm_w,
+                        following.attn_norm_b if following else w.final_norm_b)
     with _num_threads(threads):
-        return _lm_head(w.lm_head, _norm(c, h, w.final_norm_w, w.final_norm_b), bsz)
+        return _lm_head(w.lm_head, x, bsz)
+
+
+# add_norm(h, y, weight, bias) -> (h + y, norm(h + y)); y None: no add. h [d, P], y [d, P].
+AddNorm = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None],
+                   tuple[torch.Tensor, torch.Tensor]]
+
+
+def _torch_add_norm(c: ModelConfig) -> AddNorm:
+    def add_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = h if y is None else h + y
+        return h, _norm(c, h, weight, bias)
+
+    return add_norm
+
+
+def _fused_add_norm(c: ModelConfig) -> AddNorm:
+    """RMSNorm models on CPU: one native pass (prad/kernels/elementwise.cpp) adds y into h in place
+    and normalises, instead of an add and seven small ops."""
+    def add_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return h, kernels.add_rms_norm(h, y, weight, c.norm_eps)
+
+    return add_norm
 
 
 @contextmanager
@@ -216,9 +248,12 @@ def _torch_attend(model: Model, positions: torch.Tensor) -> Attend:
     return attend
 
 
-def _mlp(c: ModelConfig, lw: LayerWeights, z: torch.Tensor, threads: int) -> torch.Tensor:
+def _mlp(c: ModelConfig, lw: LayerWeights, z: torch.Tensor, threads: int, fused: bool) -> torch.Tensor:
     if c.family == "llama":
-        gate, up = _linear(lw.mlp_in_w, z, None, threads).chunk(2, dim=0)  # row halves: contiguous
+        gate_up = _linear(lw.mlp_in_w, z, None, threads)
+        if fused:
+            return _linear(lw.mlp_out_w, kernels.silu_mul(gate_up), None, threads)
+        gate, up = gate_up.chunk(2, dim=0)  # row halves: contiguous
         return _linear(lw.mlp_out_w, F.silu(gate) * up, None, threads)
     hidden = F.gelu(_linear(lw.mlp_in_w, z, lw.mlp_in_b, threads), approximate="tanh")
     return _linear(lw.mlp_out_w, hidden, lw.mlp_out_b, threads)

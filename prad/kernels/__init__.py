@@ -1,9 +1,10 @@
 """Native CPU kernels: C++ sources compiled on first use with the host's compiler, cached by hash.
 
-Only one so far: decode attention (decode_attention.cpp), which the decode step uses on the CPU in
-fp32 and bf16 in place of RoPE + `KVCache.update` + SDPA (docs/design.md gives the measurements).
-It is built with `-march=native`, so the cached library is keyed by the source, the flags, the
-compiler and the CPU's feature flags; a machine without a C++ compiler, or with
+The decode step uses them on the CPU in fp32 and bf16 (docs/design.md gives the measurements):
+decode attention (decode_attention.cpp) in place of RoPE + `KVCache.update` + SDPA, and the fused
+residual add + RMSNorm and SiLU(gate) * up (elementwise.cpp) in place of 6-8 small PyTorch ops
+each. One library holds both. It is built with `-march=native`, so the cached library is keyed by
+the sources, the flags, the compiler and the CPU's feature flags; a machine without a C++ compiler, or with
 `PRAD_NATIVE_KERNELS=0`, runs the PyTorch path instead (logged once), with the same results up to
 floating-point rounding.
 
@@ -29,14 +30,16 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_attention.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cpp", "elementwise.cpp"))
+HEADERS = (Path(__file__).with_name("simd.h"),)
 # 512-bit vectors where the CPU has them (GCC prefers 256 on some Intel parts; the kernel's register
 # blocking assumes 16-float vectors); the flag exists on x86 only.
 _X86_FLAGS = ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
 CFLAGS = ("-O3", "-march=native", *_X86_FLAGS, "-fopenmp", "-fPIC", "-shared")
 DISABLE_ENV = "PRAD_NATIVE_KERNELS"  # "0" turns the native kernels off
 COMPILE_TIMEOUT_S = 120
-_ENTRY = {torch.float32: "prad_decode_attention_f32", torch.bfloat16: "prad_decode_attention_bf16"}
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_ENTRY = {dtype: f"prad_decode_attention_{suffix}" for dtype, suffix in _SUFFIX.items()}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64,
               _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_float, _PTR, _I64, _I64, _I64, ctypes.c_int])
@@ -76,13 +79,13 @@ def build_key(source: bytes, cc_version: str, flags: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def build(cc: str, source: Path, out: Path) -> None:
-    """Compile `source` into the shared library `out` (atomically: concurrent builders are safe)."""
+def build(cc: str, sources: tuple[Path, ...], out: Path) -> None:
+    """Compile `sources` into the shared library `out` (atomically: concurrent builders are safe)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *CFLAGS, "-o", tmp, str(source)], check=True, capture_output=True,
+        subprocess.run([cc, *CFLAGS, "-o", tmp, *map(str, sources)], check=True, capture_output=True,
                        text=True, timeout=COMPILE_TIMEOUT_S)
         os.replace(tmp, out)
     finally:
@@ -98,7 +101,8 @@ def _cache_dir() -> Path:
 def library_file(cc: str) -> Path:
     """Where the library built by `cc` for this CPU is cached."""
     version = subprocess.run([cc, "--version"], check=True, capture_output=True, text=True, timeout=30).stdout
-    return _cache_dir() / f"decode_attention-{build_key(SOURCE.read_bytes(), version, cpu_flags())}.so"
+    source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    return _cache_dir() / f"prad_kernels-{build_key(source, version, cpu_flags())}.so"
 
 
 @functools.cache
@@ -114,8 +118,8 @@ def library() -> ctypes.CDLL | None:
     try:
         out = library_file(cc)
         if not out.exists():
-            log.info("compiling %s -> %s (once per machine)", SOURCE.name, out)
-            build(cc, SOURCE, out)
+            log.info("compiling %s -> %s (once per machine)", ", ".join(p.name for p in SOURCES), out)
+            build(cc, SOURCES, out)
         lib = ctypes.CDLL(str(out))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or exc
@@ -126,6 +130,10 @@ def library() -> ctypes.CDLL | None:
         fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
     lib.prad_decode_attention_supports.argtypes = [_I64, _I64]
     lib.prad_decode_attention_supports.restype = ctypes.c_int
+    for suffix in _SUFFIX.values():
+        norm, silu = getattr(lib, f"prad_add_rms_norm_{suffix}"), getattr(lib, f"prad_silu_mul_{suffix}")
+        norm.argtypes, norm.restype = [_PTR, _PTR, _PTR, ctypes.c_float, _I64, _I64, _I64, _PTR, _I64], None
+        silu.argtypes, silu.restype = [_PTR, _I64, _I64, _I64, _PTR, _I64], None
     return lib
 
 
@@ -137,6 +145,47 @@ def supports(dtype: torch.dtype, device: torch.device, head_dim: int, group: int
         return False
     lib = library()
     return lib is not None and bool(lib.prad_decode_attention_supports(head_dim, group))
+
+
+def supports_elementwise(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `add_rms_norm` and `silu_mul` run for this dtype on this device."""
+    return device.type == "cpu" and dtype in _SUFFIX and library() is not None
+
+
+def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Feature-major h [d, P] += y (in place; skipped when y is None), then RMSNorm over the d features
+    of each column, times weight [d]: `rms_norm(h, weight[:, None], eps, dim=0)` (prad/model.py)."""
+    lib = _elementwise_library(h, y, weight)
+    if y is not None and (y.shape != h.shape or not y.is_contiguous()):
+        raise ValueError(f"add_rms_norm: y {tuple(y.shape)} must be contiguous and shaped like h {tuple(h.shape)}")
+    if weight.shape != (h.shape[0],) or not weight.is_contiguous():
+        raise ValueError(f"add_rms_norm: weight {tuple(weight.shape)} must be a contiguous [{h.shape[0]}]")
+    out = torch.empty_like(h)
+    d, cols = h.shape
+    getattr(lib, f"prad_add_rms_norm_{_SUFFIX[h.dtype]}")(
+        h.data_ptr(), None if y is None else y.data_ptr(), weight.data_ptr(), eps, d, cols, cols, out.data_ptr(), cols)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [2I, P] (gate rows, then up rows) -> SiLU(gate) * up [I, P], rounded as PyTorch rounds."""
+    lib = _elementwise_library(gate_up)
+    if gate_up.shape[0] % 2:
+        raise ValueError(f"silu_mul: gate_up has an odd number of rows ({gate_up.shape[0]})")
+    inter, cols = gate_up.shape[0] // 2, gate_up.shape[1]
+    out = gate_up.new_empty(inter, cols)
+    getattr(lib, f"prad_silu_mul_{_SUFFIX[gate_up.dtype]}")(gate_up.data_ptr(), inter, cols, cols, out.data_ptr(), cols)
+    return out
+
+
+def _elementwise_library(x: torch.Tensor, *others: torch.Tensor | None) -> ctypes.CDLL:
+    lib = library()
+    assert lib is not None, "check supports_elementwise() first"
+    if x.dim() != 2 or not x.is_contiguous() or x.dtype not in _SUFFIX or x.device.type != "cpu":
+        raise ValueError(f"expected a contiguous 2-D fp32 / bf16 CPU tensor, got {x.dtype} {tuple(x.shape)}")
+    if any(t is not None and (t.dtype != x.dtype or t.device.type != "cpu") for t in others):
+        raise TypeError("every operand must share the activations' dtype, on the CPU")
+    return lib
 
 
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,

@@ -7,6 +7,6 @@ from prad import kernels
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 cc = kernels.compiler()
 if kernels.library() is None or cc is None:
-    print("native decode attention: not available, the decode step runs attention through PyTorch")
+    print("native kernels: not available, the decode step runs on PyTorch ops only")
 else:
-    print(f"native decode attention: {kernels.library_file(cc)}")
+    print(f"native kernels: {kernels.library_file(cc)}")

@@ -12,23 +12,13 @@
 // pairs of AVX2 registers. Operands are addressed through element strides, so the caller passes
 // PyTorch views as they are. Built by prad/kernels/__init__.py (-O3 -march=native -fopenmp); it
 // links the OpenMP runtime torch has already loaded, so it shares torch's threads.
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
+using namespace prad;
+
 constexpr int KEY_BLOCK = 128;
-constexpr int W = 16;  // floats per vector
-typedef float vf __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
 
 struct Strides {
     int64_t b, h, d;
@@ -44,83 +34,6 @@ struct Args {
     const float *cos, *sin;  // [max_position, head_dim] or null (no RoPE)
     float scale;
 };
-
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {
-    uint32_t bits = uint32_t(x) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-template <typename T>
-inline T from_float(float x);
-template <>
-inline float from_float<float>(float x) { return x; }
-template <>
-inline uint16_t from_float<uint16_t>(float x) {  // round to nearest even, as torch does
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN stays a quiet NaN
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return uint16_t(bits >> 16);
-}
-
-inline vf load(const float *p) {
-    vf v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-inline vf load(const uint16_t *p) {  // 16 bf16 -> fp32: widen to 32 bits, shift into the high half
-#ifdef __AVX512F__
-    const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
-#else
-    vh h;
-    std::memcpy(&h, p, sizeof h);
-    const vu u = __builtin_convertvector(h, vu) << 16;
-#endif
-    vf v;
-    std::memcpy(&v, &u, sizeof v);
-    return v;
-}
-
-inline float hsum(vf v) {
-    vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-inline float hmax(vf v) {
-    vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-    vf8 b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    a = a > b ? a : b;
-    float m = a[0];
-    for (int i = 1; i < 8; i++) m = a[i] > m ? a[i] : m;
-    return m;
-}
-
-// exp(x) for x <= 0 (softmax after subtracting the max), 16 lanes: Cody-Waite reduction to
-// |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error < 2e-7); 0 below -87.
-inline vf exp_nonpositive(vf x) {
-    const vf c = x < -87.0f ? vf{} - 87.0f : x;
-    const vi n = __builtin_convertvector(c * 1.44269504f - 0.5f, vi);  // truncation: ceil(t - 0.5)
-    const vf nf = __builtin_convertvector(n, vf);
-    const vf r = c - nf * 0.693145751953125f - nf * 1.428606765330187e-6f;
-    vf p = vf{} + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const vi bits = (n + 127) << 23;
-    vf two_n;
-    std::memcpy(&two_n, &bits, sizeof two_n);
-    return x < -87.0f ? vf{} : p * two_n;
-}
-
-inline float exp_nonpositive(float x) { return exp_nonpositive(vf{} + x)[0]; }
 
 // x (head_dim fp32 values) rotated by RoPE at one position, HF's rotate-half convention. Two
 // products and a sum, each rounded (no fused multiply-add), so the result is bit-identical to the

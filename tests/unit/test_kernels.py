@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prad import kernels
-from prad.model import apply_rope
+from prad.model import apply_rope, rms_norm
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_supports_names_the_shapes_the_kernel_is_built_for(lib) -> None:
 
 
 def test_library_is_built_once_and_cached(fresh_build, lib) -> None:
-    built = list((fresh_build / "kernels").glob("decode_attention-*.so"))
+    built = list((fresh_build / "kernels").glob("prad_kernels-*.so"))
     assert len(built) == 1
     kernels.library.cache_clear()
     mtime = built[0].stat().st_mtime_ns
@@ -133,3 +133,48 @@ def test_build_key_follows_source_compiler_and_cpu() -> None:
     assert base == kernels.build_key(b"src", "g++ 12", "avx2")
     assert len({base, kernels.build_key(b"src2", "g++ 12", "avx2"), kernels.build_key(b"src", "g++ 13", "avx2"),
                 kernels.build_key(b"src", "g++ 12", "avx2 avx512f")}) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [1, 17, 64])  # one column (scalar tail only), vectors + tail, vectors only
+def test_add_rms_norm_matches_the_pytorch_ops(lib, dtype, cols) -> None:
+    gen = torch.Generator().manual_seed(cols)
+    h = (3 * torch.randn(576, cols, generator=gen)).to(dtype)
+    y = torch.randn(576, cols, generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(576, generator=gen)).to(dtype)
+    expected_h = h + y
+    expected = rms_norm(expected_h, weight[:, None], 1e-5, dim=0)
+    got = kernels.add_rms_norm(h, y, weight, 1e-5)
+    assert torch.equal(h, expected_h)  # the residual add happened in place, rounded as torch rounds
+    _assert_within_one_rounding(got, expected)
+    _assert_within_one_rounding(kernels.add_rms_norm(h, None, weight, 1e-5), expected)  # no add: norm only
+    assert torch.equal(h, expected_h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [1, 17, 64])
+def test_silu_mul_matches_the_pytorch_ops(lib, dtype, cols) -> None:
+    gen = torch.Generator().manual_seed(cols)
+    gate_up = (4 * torch.randn(2 * 1536, cols, generator=gen)).to(dtype)
+    gate, up = gate_up.chunk(2, dim=0)
+    _assert_within_one_rounding(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+def test_elementwise_kernels_refuse_mismatched_operands(lib) -> None:
+    h = torch.zeros(8, 4)
+    with pytest.raises(ValueError, match="shaped like h"):
+        kernels.add_rms_norm(h, torch.zeros(8, 5), torch.ones(8), 1e-5)
+    with pytest.raises(TypeError, match="share the activations' dtype"):
+        kernels.add_rms_norm(h, None, torch.ones(8, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(ValueError, match="contiguous 2-D"):
+        kernels.silu_mul(torch.zeros(8, 4).t())
+    with pytest.raises(ValueError, match="odd number of rows"):
+        kernels.silu_mul(torch.zeros(7, 4))
+
+
+def _assert_within_one_rounding(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to one rounding step of the dtype (the kernels sum and take exp in another order)."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    eps = torch.finfo(got.dtype).eps
+    err = (got.float() - expected.float()).abs()
+    assert (err <= 2 * eps * expected.float().abs() + 1e-6).all(), err.max()
