@@ -11,9 +11,9 @@ term by term (tests compare the two); only the order of floating-point sums insi
 
 Attention (with RoPE and the KV write) runs, per layer, through the native CPU kernel in
 prad/kernels where it is available (fp32 / bf16, common head shapes), else through PyTorch: SDPA
-over the slot cache `[B, Hkv, S, D]` with GQA folded into the query length. docs/design.md gives
-the reasons for both and for the step's other CPU choices (the bf16 LM head, element-wise work on
-one thread).
+over the slot cache `[B, Hkv, S, D]` with GQA folded into the query length. For RMSNorm models the
+residual add + norm and SiLU(gate) * up are native kernels too. docs/design.md gives the reasons
+for these and for the step's other CPU choices (the bf16 LM head, element-wise work on one thread).
 
 The decode service never passes `hooks`. They exist for the benchmarks' conventional-adapter arms
 (LoRA applied at every decode step), so those decode through this same step and a comparison with
