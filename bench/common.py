@@ -20,6 +20,7 @@ import torch
 from prad.adapters import Adapter, AdapterConfig
 from prad.adapters.io import init_tensors
 from prad.loading import LoadedModel, load_model
+from prad.machine import cpuinfo
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
@@ -62,26 +63,6 @@ def add_common_args(parser: argparse.ArgumentParser, default_dtypes: str) -> Non
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
     parser.add_argument("--model", default=None,
                         help="a local HF model directory (default: the embedded SmolLM2-135M-Instruct)")
-
-
-def parse_cpuinfo(text: str) -> dict[str, str]:
-    """The first processor's fields of a /proc/cpuinfo text ("model name", "cpu family", "flags", ...)."""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            if fields:
-                break  # the blank line after the first processor
-            continue
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return fields
-
-
-def cpuinfo() -> dict[str, str]:
-    try:
-        return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return {}
 
 
 def cpu_id(fields: dict[str, str]) -> str | None:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from prad.machine import cpuinfo
+
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cpp", "elementwise.cpp"))
@@ -58,15 +60,11 @@ def compiler() -> str | None:
 
 
 def cpu_flags() -> str:
-    """The CPU's feature flags (what -march=native compiles for); empty where /proc/cpuinfo is absent."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    """The CPU's feature flags (what -march=native compiles for): x86's "flags", Arm's "Features"."""
+    fields = cpuinfo()
+    if not fields:
         return platform.processor()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return line.split(":", 1)[1].strip()
-    return ""
+    return fields.get("flags", fields.get("Features", ""))
 
 
 def build_key(source: bytes, cc_version: str, flags: str) -> str:

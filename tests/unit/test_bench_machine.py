@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bench.common import cpu_flags, cpu_id, parse_cpuinfo
+from bench.common import cpu_flags, cpu_id
+from prad.machine import parse_cpuinfo
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
