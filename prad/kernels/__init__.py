@@ -105,13 +105,13 @@ def library_file(cc: str) -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled decode-attention library, built on first use; None where it cannot be (logged)."""
+    """The compiled kernels library, built on first use; None where it cannot be (logged)."""
     if not enabled():
-        log.info("native kernels off (%s=0): decode attention runs through PyTorch", DISABLE_ENV)
+        log.info("native kernels off (%s=0): the decode step runs on PyTorch ops", DISABLE_ENV)
         return None
     cc = compiler()
     if cc is None:
-        log.warning("no C++ compiler found ($CXX, c++, g++): decode attention runs through PyTorch (slower)")
+        log.warning("no C++ compiler found ($CXX, c++, g++): the decode step runs on PyTorch ops (slower)")
         return None
     try:
         out = library_file(cc)
@@ -121,7 +121,7 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(out))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or exc
-        log.warning("could not build the native decode attention (%s): running it through PyTorch", detail)
+        log.warning("could not build the native kernels (%s): the decode step runs on PyTorch ops", detail)
         return None
     for name in _ENTRY.values():
         fn = getattr(lib, name)
