@@ -60,7 +60,7 @@ inline void load_rotated(const T *src, int64_t stride, const float *cos, const f
     for (int d = 0; d < D; d++) dst[d] = to_float(src[d * stride]);
     if (cos == nullptr) return;
     rope<D>(dst, cos, sin);
-    for (int d = 0; d < D; d++) dst[d] = to_float(from_float<T>(dst[d]));
+    for (int d = 0; d < D; d++) dst[d] = round_to<T>(dst[d]);
 }
 
 template <typename T, int D, int G>
