@@ -51,11 +51,11 @@ def parse_dtypes(text: str) -> list[str]:
     return [DTYPE_NAMES[n] for n in names]
 
 
-def add_common_args(parser: argparse.ArgumentParser, default_dtypes: str) -> None:
+def add_common_args(parser: argparse.ArgumentParser, default_dtypes: str, default_repeats: int = 3) -> None:
     parser.add_argument("--dtypes", type=parse_dtypes, default=parse_dtypes(default_dtypes),
                         help=f"comma-separated model dtypes (default {default_dtypes})")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed repeats per measurement; the median is reported (default 3)")
+    parser.add_argument("--repeats", type=int, default=default_repeats,
+                        help=f"timed repeats per measurement; the median is reported (default {default_repeats})")
     parser.add_argument("--rank", type=int, default=8, help="adapter rank, bottleneck width or LoRA rank (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed for prompts and adapter weights (default 0)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
