@@ -19,6 +19,17 @@ namespace {
 using namespace prad;
 
 constexpr int KEY_BLOCK = 128;
+// Keys (and values) prefetched ahead of the one in use: each work item streams two arrays of a few
+// KB to tens of KB, too short for the hardware prefetchers to reach full speed on their own. 16
+// beat 8 and 32 (bf16, batch 64, 137 keys); with the prefetch of each item's first keys below the
+// kernel ran x1.39 (bf16) / x1.31 (fp32) faster than without on the 2-core AMD EPYC (Zen 5) VM.
+constexpr int PREFETCH_KEYS = 16;
+
+template <typename T, int D>
+inline void prefetch_keys(const T *first, int keys) {
+    const char *p = reinterpret_cast<const char *>(first);
+    for (int c = 0; c < keys * D * int(sizeof(T)); c += 64) __builtin_prefetch(p + c);
+}
 
 struct Strides {
     int64_t b, h, d;
@@ -90,10 +101,13 @@ void attend_item(const Args<T> &a, int64_t b, int64_t g) {
     }
     alignas(64) float scores[G][KEY_BLOCK];
     const int64_t num_keys = pos + 1;
+    prefetch_keys<T, D>(kc, PREFETCH_KEYS);  // the loops below prefetch from key PREFETCH_KEYS on
+    prefetch_keys<T, D>(vc, PREFETCH_KEYS);
     for (int64_t s0 = 0; s0 < num_keys; s0 += KEY_BLOCK) {
         const int nb = int(num_keys - s0 < KEY_BLOCK ? num_keys - s0 : KEY_BLOCK);
         for (int s = 0; s < nb; s++) {
             const T *ks = kc + (s0 + s) * D;
+            prefetch_keys<T, D>(ks + PREFETCH_KEYS * D, 1);
             vf k[NV];
             for (int i = 0; i < NV; i++) k[i] = load(ks + i * W);
             for (int j = 0; j < G; j++) {
@@ -124,6 +138,7 @@ void attend_item(const Args<T> &a, int64_t b, int64_t g) {
         }
         for (int s = 0; s < nb; s++) {
             const T *vs = vc + (s0 + s) * D;
+            prefetch_keys<T, D>(vs + PREFETCH_KEYS * D, 1);
             vf v[NV];
             for (int i = 0; i < NV; i++) v[i] = load(vs + i * W);
             for (int j = 0; j < G; j++)
