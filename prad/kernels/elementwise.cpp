@@ -52,8 +52,8 @@ void add_rms_norm(T *h, const T *y, const T *weight, float eps, int64_t d, int64
 inline vf silu(vf x) {  // x * sigmoid(x), with exp(-|x|) <= 1 so exp_nonpositive serves both signs
     const vf ax = x < 0.0f ? -x : x;
     const vf e = exp_nonpositive(-ax);
-    const vf sig = x < 0.0f ? e / (1.0f + e) : 1.0f / (1.0f + e);
-    return x * sig;
+    const vf num = x < 0.0f ? e : vf{} + 1.0f;  // sigmoid = num / (1 + e): one division, not two
+    return x * (num / (1.0f + e));
 }
 
 // out [inter, cols] = T(T(silu(gate)) * up), gate = rows [0, inter) and up = rows [inter, 2 inter)

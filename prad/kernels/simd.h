@@ -68,12 +68,20 @@ inline void store(uint16_t *p, vf v) {  // fp32 -> bf16, round to nearest even; 
     std::memcpy(p, &h, sizeof h);
 }
 
-// x rounded to T and back (what storing an fp32 result in a T tensor does)
+// x rounded to T and back (what storing an fp32 result in a T tensor does), in registers
 template <typename T>
-inline vf round_to(vf x) {
-    T tmp[W];
-    store(tmp, x);
-    return load(tmp);
+inline vf round_to(vf x);
+template <>
+inline vf round_to<float>(vf x) { return x; }
+template <>
+inline vf round_to<uint16_t>(vf x) {  // bf16: round to nearest even, keep the high 16 bits
+    vu bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    const vu out = (bits & 0x7fffffffu) > 0x7f800000u ? vu{} + 0x7fc00000u : rounded;
+    vf v;
+    std::memcpy(&v, &out, sizeof v);
+    return v;
 }
 template <typename T>
 inline float round_to(float x) { return to_float(from_float<T>(x)); }
