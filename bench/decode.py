@@ -15,8 +15,8 @@ What is measured, per dtype (`--dtypes`) and batch size B (`--batches`):
   of every condition, each timed alone, before step s + 1 of any, in orders balanced across step boundaries,
   `step_order`), so all of them see the same machine; a ratio is the median, over every step of all
   rounds, of the two conditions' step-s time ratio (the ratio of the two median tokens/s is also
-  recorded). Base and tasks swap their two runners every round (`--repeats` is even by default), as
-  two caches at different addresses run a few per cent apart whatever they hold. On a shared VM the
+  recorded). Base and tasks swap their two runners every round (`--repeats` is even by default), so
+  a difference between the two caches themselves falls on both alike. On a shared VM the
   speed drifts by tens of per cent within seconds, which whole back-to-back runs did not cancel.
 * (c) forward: the base KV stepped through the generic token-major `Model.forward` (what the
   decode service ran before prad/decode_step.py); step/forward is the paired speed-up of the
@@ -200,10 +200,10 @@ def load_state(runner: DecodeRunner, kv: PromptKV) -> DecodeState:
 
 def states_for_round(runners: tuple[DecodeRunner, DecodeRunner], kvs: dict[str, PromptKV],
                      round_index: int) -> dict[str, DecodeState]:
-    """The four conditions' states for one round. Base and tasks swap runners every round: two caches
-    at different addresses run a few per cent apart on their own, whatever they hold (seen on an
-    AMD EPYC VM with two caches of the same base KV), and swapping puts that on both conditions
-    alike. "forward" and "torch-ops" share base's runner and KV."""
+    """The four conditions' states for one round. Base and tasks swap runners every round, so that a
+    difference between the two caches themselves (their addresses; two caches of the same base KV
+    once read 1-4 % apart, in a test whose step order was not yet balanced) falls on both alike.
+    "forward" and "torch-ops" share base's runner and KV."""
     base_runner, tasks_runner = runners if round_index % 2 == 0 else runners[::-1]
     base = load_state(base_runner, kvs["base"])
     return {"base": base, "tasks": load_state(tasks_runner, kvs["tasks"]),
