@@ -59,14 +59,6 @@ inline vf load(const uint16_t *p) {  // 16 bf16 -> fp32: widen to 32 bits, shift
 }
 
 inline void store(float *p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline void store(uint16_t *p, vf v) {  // fp32 -> bf16, round to nearest even; NaN -> quiet NaN
-    vu bits;
-    std::memcpy(&bits, &v, sizeof bits);
-    const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    const vu out = (bits & 0x7fffffffu) > 0x7f800000u ? vu{} + 0x7fc0u : rounded;
-    const vh h = __builtin_convertvector(out, vh);
-    std::memcpy(p, &h, sizeof h);
-}
 
 // x rounded to T and back (what storing an fp32 result in a T tensor does), in registers
 template <typename T>
@@ -83,6 +75,15 @@ inline vf round_to<uint16_t>(vf x) {  // bf16: round to nearest even, keep the h
     std::memcpy(&v, &out, sizeof v);
     return v;
 }
+
+inline void store(uint16_t *p, vf v) {  // fp32 -> bf16, round to nearest even; NaN -> quiet NaN
+    vu bits;
+    const vf rounded = round_to<uint16_t>(v);
+    std::memcpy(&bits, &rounded, sizeof bits);
+    const vh h = __builtin_convertvector(bits >> 16, vh);
+    std::memcpy(p, &h, sizeof h);
+}
+
 template <typename T>
 inline float round_to(float x) { return to_float(from_float<T>(x)); }
 
