@@ -85,18 +85,23 @@ def _step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, kv: KV
     attend = _native_attend(model) if native else _torch_attend(model, positions)
     fused = native_kernels and c.family == "llama" and kernels.supports_elementwise(w.embed.dtype, w.embed.device)
     add_norm = _fused_add_norm(c) if fused else _torch_add_norm(c)
+    native_linear = (native_kernels and kernels.supports_linear(w.embed.dtype, w.embed.device)
+                     and kernels.linear_columns_ok(h))
+    linear = _native_linear(threads) if native_linear else _torch_linear(threads)
     # Each layer's input norm is computed with the residual add that precedes it (the previous
     # layer's MLP output; the last one's feeds the final norm).
     h, x = add_norm(h, None, w.layers[0].attn_norm_w, w.layers[0].attn_norm_b)
     for i, lw in enumerate(w.layers):
-        h, z = add_norm(h, _attention(c, i, lw, x, positions, kv, attend, hooks, threads), lw.mlp_norm_w,
+        h, z = add_norm(h, _attention(c, i, lw, x, positions, kv, attend, linear, hooks, threads), lw.mlp_norm_w,
                         lw.mlp_norm_b)
-        y = _mlp(c, lw, z, threads, fused)
+        y = _mlp(c, lw, z, linear, fused)
         if hooks is not None:
             y = _token_major(hooks.adapt_mlp, i, z, y, bsz)
         following = w.layers[i + 1] if i + 1 < len(w.layers) else None
         h, x = add_norm(h, y, following.attn_norm_w if following else w.final_norm_w,
                         following.attn_norm_b if following else w.final_norm_b)
+    if native_linear:
+        return kernels.lm_head_bf16(w.lm_head, x, bsz, threads)
     with _num_threads(threads):
         return _lm_head(w.lm_head, x, bsz)
 
@@ -148,12 +153,28 @@ def _columns(x: torch.Tensor, num_columns: int) -> torch.Tensor:
     return padded
 
 
-def _linear(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-    """weight [out, in] @ x [in, P] (+ bias) -> [out, P], on `threads` threads."""
-    with _num_threads(threads):
-        if bias is None:
-            return torch.mm(weight, x)
-        return torch.addmm(bias[:, None], weight, x)
+# linear(weight [out, in], x [in, P], bias [out] or None) -> weight @ x (+ bias) [out, P]
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _torch_linear(threads: int) -> Linear:
+    """torch.mm / addmm on `threads` threads (MKL in fp32, oneDNN in bf16 on CPU)."""
+    def linear(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        with _num_threads(threads):
+            if bias is None:
+                return torch.mm(weight, x)
+            return torch.addmm(bias[:, None], weight, x)
+
+    return linear
+
+
+def _native_linear(threads: int) -> Linear:
+    """bf16 on a CPU with AVX512-BF16: prad/kernels/linear_bf16.cpp, x1.3 faster than oneDNN's
+    torch.mm over a SmolLM2 step's projections at 64 columns (docs/design.md)."""
+    def linear(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return kernels.linear_bf16(weight, x, bias, threads)
+
+    return linear
 
 
 def _token_major(hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor], layer: int,
@@ -182,17 +203,17 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, 
 
 
 def _attention(c: ModelConfig, layer: int, lw: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
-               kv: KVCache, attend: Attend, hooks: AdapterHooks | None, threads: int) -> torch.Tensor:
+               kv: KVCache, attend: Attend, linear: Linear, hooks: AdapterHooks | None, threads: int) -> torch.Tensor:
     """x: [d, P]; attention over the B = len(positions) real columns; returns [d, P]."""
     bsz, num_columns = positions.shape[0], x.shape[1]
-    qkv = _linear(lw.qkv_w, x, lw.qkv_b, threads)
+    qkv = linear(lw.qkv_w, x, lw.qkv_b)
     if hooks is not None:
         qkv = _token_major(hooks.adapt_qkv, layer, x, qkv, bsz)
     q, k, v = qkv[:, :bsz].split([c.q_size, c.kv_size, c.kv_size], dim=0)
     a = attend(layer, q.view(c.num_heads, c.head_dim, bsz), k.view(c.num_kv_heads, c.head_dim, bsz),
                v.view(c.num_kv_heads, c.head_dim, bsz), positions, kv, threads)
     a_columns = _columns(a, num_columns)  # [q_size, P]
-    o = _linear(lw.o_w, a_columns, lw.o_b, threads)
+    o = linear(lw.o_w, a_columns, lw.o_b)
     return o if hooks is None else _token_major(hooks.adapt_o, layer, a_columns, o, bsz)
 
 
@@ -249,15 +270,15 @@ def _torch_attend(model: Model, positions: torch.Tensor) -> Attend:
     return attend
 
 
-def _mlp(c: ModelConfig, lw: LayerWeights, z: torch.Tensor, threads: int, fused: bool) -> torch.Tensor:
+def _mlp(c: ModelConfig, lw: LayerWeights, z: torch.Tensor, linear: Linear, fused: bool) -> torch.Tensor:
     if c.family == "llama":
-        gate_up = _linear(lw.mlp_in_w, z, None, threads)
+        gate_up = linear(lw.mlp_in_w, z, None)
         if fused:
-            return _linear(lw.mlp_out_w, kernels.silu_mul(gate_up), None, threads)
+            return linear(lw.mlp_out_w, kernels.silu_mul(gate_up), None)
         gate, up = gate_up.chunk(2, dim=0)  # row halves: contiguous
-        return _linear(lw.mlp_out_w, F.silu(gate) * up, None, threads)
-    hidden = F.gelu(_linear(lw.mlp_in_w, z, lw.mlp_in_b, threads), approximate="tanh")
-    return _linear(lw.mlp_out_w, hidden, lw.mlp_out_b, threads)
+        return linear(lw.mlp_out_w, F.silu(gate) * up, None)
+    hidden = F.gelu(linear(lw.mlp_in_w, z, lw.mlp_in_b), approximate="tanh")
+    return linear(lw.mlp_out_w, hidden, lw.mlp_out_b)
 
 
 def _lm_head(lm_head: torch.Tensor, h: torch.Tensor, bsz: int) -> torch.Tensor:

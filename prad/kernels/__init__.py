@@ -1,9 +1,10 @@
 """Native CPU kernels: C++ sources compiled on first use with the host's compiler, cached by hash.
 
 The decode step uses them on the CPU in fp32 and bf16 (docs/design.md gives the measurements):
-decode attention (decode_attention.cpp) in place of RoPE + `KVCache.update` + SDPA, and the fused
+decode attention (decode_attention.cpp) in place of RoPE + `KVCache.update` + SDPA, the fused
 residual add + RMSNorm and SiLU(gate) * up (elementwise.cpp) in place of 6-8 small PyTorch ops
-each. One library holds both. It is built with `-march=native`, so the cached library is keyed by
+each, and, in bf16 on CPUs with AVX512-BF16, the projections and the LM head (linear_bf16.cpp) in
+place of torch.mm. One library holds them all. It is built with `-march=native`, so the cached library is keyed by
 the sources, the flags, the compiler and the CPU's feature flags; a machine without a C++ compiler, or with
 `PRAD_NATIVE_KERNELS=0`, runs the PyTorch path instead (logged once), with the same results up to
 floating-point rounding.
@@ -32,7 +33,8 @@ from prad.machine import cpuinfo
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cpp", "elementwise.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("decode_attention.cpp", "elementwise.cpp", "linear_bf16.cpp"))
 HEADERS = (Path(__file__).with_name("simd.h"),)
 # 512-bit vectors where the CPU has them (GCC prefers 256 on some Intel parts; the kernel's register
 # blocking assumes 16-float vectors); the flag exists on x86 only.
@@ -40,6 +42,7 @@ _X86_FLAGS = ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x
 CFLAGS = ("-O3", "-march=native", *_X86_FLAGS, "-fopenmp", "-fPIC", "-shared")
 DISABLE_ENV = "PRAD_NATIVE_KERNELS"  # "0" turns the native kernels off
 COMPILE_TIMEOUT_S = 120
+LINEAR_COLUMN_MULTIPLE = 16  # linear_bf16.cpp's vector width in activation columns
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _ENTRY = {dtype: f"prad_decode_attention_{suffix}" for dtype, suffix in _SUFFIX.items()}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -132,6 +135,10 @@ def library() -> ctypes.CDLL | None:
         norm, silu = getattr(lib, f"prad_add_rms_norm_{suffix}"), getattr(lib, f"prad_silu_mul_{suffix}")
         norm.argtypes, norm.restype = [_PTR, _PTR, _PTR, ctypes.c_float, _I64, _I64, _I64, _PTR, _I64], None
         silu.argtypes, silu.restype = [_PTR, _I64, _I64, _I64, _PTR, _I64], None
+    lib.prad_linear_bf16_supported.argtypes, lib.prad_linear_bf16_supported.restype = [], ctypes.c_int
+    lib.prad_linear_bf16.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int]
+    lib.prad_linear_bf16_t_f32.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int]
+    lib.prad_linear_bf16.restype = lib.prad_linear_bf16_t_f32.restype = ctypes.c_int
     return lib
 
 
@@ -148,6 +155,63 @@ def supports(dtype: torch.dtype, device: torch.device, head_dim: int, group: int
 def supports_elementwise(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether `add_rms_norm` and `silu_mul` run for this dtype on this device."""
     return device.type == "cpu" and dtype in _SUFFIX and library() is not None
+
+
+@functools.cache
+def supports_linear(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `linear_bf16` / `lm_head_bf16` run here: bf16 on a CPU with AVX512-BF16."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    lib = library()
+    return lib is not None and bool(lib.prad_linear_bf16_supported())
+
+
+def linear_columns_ok(x: torch.Tensor) -> bool:
+    """Whether the native projections take x [in, P]: P a multiple of 16 (the step's padded columns)."""
+    return x.dim() == 2 and x.shape[1] > 0 and x.shape[1] % LINEAR_COLUMN_MULTIPLE == 0
+
+
+def linear_bf16(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+    """weight [out, in] @ x [in, P] (+ bias [out]) -> [out, P] bf16: `torch.addmm(bias[:, None], weight, x)`
+    up to the order of the fp32 sums. weight, x contiguous bf16; P a multiple of 16."""
+    lib = _linear_library(weight, x)
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype
+                             or not bias.is_contiguous()):
+        raise ValueError(f"linear_bf16: bias {tuple(bias.shape)} must be a contiguous bf16 [{weight.shape[0]}]")
+    out = x.new_empty(weight.shape[0], x.shape[1])
+    status = lib.prad_linear_bf16(weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(), x.shape[1],
+                                  x.shape[1], None if bias is None else bias.data_ptr(), out.data_ptr(),
+                                  out.shape[1], threads)
+    assert status == 0, f"prad_linear_bf16 returned {status}"
+    return out
+
+
+def lm_head_bf16(weight: torch.Tensor, x: torch.Tensor, rows: int, threads: int) -> torch.Tensor:
+    """Token-major fp32 logits [rows, vocab] of the first `rows` columns of weight [vocab, d] @ x [d, P],
+    each rounded to bf16 (what `torch.mm(x[:, :rows].t(), weight.t()).float()` gives, up to sum order)."""
+    lib = _linear_library(weight, x)
+    if not 0 < rows <= x.shape[1]:
+        raise ValueError(f"lm_head_bf16: rows {rows} outside (0, {x.shape[1]}]")
+    out = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=x.device)
+    status = lib.prad_linear_bf16_t_f32(weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(),
+                                        x.shape[1], x.shape[1], rows, out.data_ptr(), out.shape[1], threads)
+    assert status == 0, f"prad_linear_bf16_t_f32 returned {status}"
+    return out
+
+
+def _linear_library(weight: torch.Tensor, x: torch.Tensor) -> ctypes.CDLL:
+    lib = library()
+    assert lib is not None and lib.prad_linear_bf16_supported(), "check supports_linear() first"
+    for name, t in (("weight", weight), ("x", x)):
+        if t.dim() != 2 or not t.is_contiguous() or t.dtype != torch.bfloat16 or t.device.type != "cpu":
+            raise ValueError(f"linear_bf16: {name} must be a contiguous 2-D bf16 CPU tensor, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    if x.shape[0] != weight.shape[1]:
+        raise ValueError(f"linear_bf16: weight {tuple(weight.shape)} and x {tuple(x.shape)} do not chain")
+    if not linear_columns_ok(x):
+        raise ValueError(f"linear_bf16: x has {x.shape[1]} columns, not a positive multiple of "
+                         f"{LINEAR_COLUMN_MULTIPLE}")
+    return lib
 
 
 def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import platform
+import subprocess
 
 import pytest
 import torch
@@ -16,11 +19,11 @@ from prad.model import apply_rope, rms_norm
 def fresh_build(monkeypatch, tmp_path):
     """library() and supports() recomputed from scratch, building into an empty cache dir."""
     monkeypatch.setenv("PRAD_CACHE_DIR", str(tmp_path))
-    kernels.library.cache_clear()
-    kernels.supports.cache_clear()
+    for cached in (kernels.library, kernels.supports, kernels.supports_linear):
+        cached.cache_clear()
     yield tmp_path
-    kernels.library.cache_clear()
-    kernels.supports.cache_clear()
+    for cached in (kernels.library, kernels.supports, kernels.supports_linear):
+        cached.cache_clear()
 
 
 @pytest.fixture
@@ -170,6 +173,80 @@ def test_elementwise_kernels_refuse_mismatched_operands(lib) -> None:
         kernels.silu_mul(torch.zeros(8, 4).t())
     with pytest.raises(ValueError, match="odd number of rows"):
         kernels.silu_mul(torch.zeros(7, 4))
+
+
+@pytest.fixture
+def linear_lib(lib):
+    if not kernels.supports_linear(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("this CPU has no AVX512-BF16: the bf16 projections stay on torch.mm")
+    return lib
+
+
+LINEAR_SHAPES = [  # (out, in, columns)
+    (960, 576, 64),  # SmolLM2's q|k|v at batch 64
+    (13, 577, 16),  # out not a multiple of the 6-row tile, odd in (a zero-padded last pair)
+    (7, 33, 80),  # one 64-column tile and a 16-column one
+    (30, 1536, 128),  # two full column tiles, SmolLM2's down projection width
+]
+
+
+@pytest.mark.parametrize(("out_features", "in_features", "cols"), LINEAR_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_bf16_is_the_exact_product_rounded_once(linear_lib, out_features, in_features, cols,
+                                                       with_bias) -> None:
+    gen = torch.Generator().manual_seed(out_features + cols)
+    w = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+    x = torch.randn(in_features, cols, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(out_features, generator=gen).to(torch.bfloat16) if with_bias else None
+    exact = w.double() @ x.double() + (0 if bias is None else bias.double()[:, None])
+    got = kernels.linear_bf16(w, x, bias, threads=2)
+    assert got.dtype == torch.bfloat16 and got.shape == (out_features, cols)
+    # one bf16 rounding (half an ulp, 2^-8 relative) of an fp32 sum (its error ~ in * 2^-24 * sum |terms|)
+    magnitude = w.double().abs() @ x.double().abs()
+    assert ((got.double() - exact).abs() <= exact.abs() * 2.0**-8 + magnitude * 1e-6).all()
+    # and what torch.mm / addmm (oneDNN) gives, up to that same rounding
+    ref = torch.mm(w, x) if bias is None else torch.addmm(bias[:, None], w, x)
+    assert ((got.double() - ref.double()).abs() <= ref.double().abs() * 2.0**-7 + magnitude * 1e-6).all()
+
+
+@pytest.mark.parametrize(("out_features", "in_features", "cols"), LINEAR_SHAPES)
+def test_lm_head_bf16_is_the_projection_transposed(linear_lib, out_features, in_features, cols) -> None:
+    gen = torch.Generator().manual_seed(cols)
+    w = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+    x = torch.randn(in_features, cols, generator=gen).to(torch.bfloat16)
+    rows = cols - 5  # padding columns are computed but never written
+    logits = kernels.lm_head_bf16(w, x, rows, threads=2)
+    assert logits.dtype == torch.float32 and logits.shape == (rows, out_features)
+    assert torch.equal(logits, kernels.linear_bf16(w, x, None, threads=2)[:, :rows].t().float())
+
+
+def test_linear_bf16_refuses_what_it_cannot_multiply(linear_lib) -> None:
+    w, x = torch.zeros(8, 32, dtype=torch.bfloat16), torch.zeros(32, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="not a positive multiple of 16"):
+        kernels.linear_bf16(w, torch.zeros(32, 8, dtype=torch.bfloat16), None, 1)
+    with pytest.raises(ValueError, match="do not chain"):
+        kernels.linear_bf16(w, torch.zeros(31, 16, dtype=torch.bfloat16), None, 1)
+    with pytest.raises(ValueError, match="contiguous 2-D bf16"):
+        kernels.linear_bf16(w.float(), x, None, 1)
+    with pytest.raises(ValueError, match="contiguous 2-D bf16"):
+        kernels.linear_bf16(torch.zeros(32, 8, dtype=torch.bfloat16).t(), x, None, 1)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.linear_bf16(w, x, torch.zeros(7, dtype=torch.bfloat16), 1)
+    with pytest.raises(ValueError, match="rows 17 outside"):
+        kernels.lm_head_bf16(w, x, 17, 1)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 target flags")
+def test_without_avx512_bf16_the_projection_kernel_says_unsupported(lib, tmp_path) -> None:
+    """linear_bf16.cpp built for a CPU without AVX512-BF16 (what -march=native gives on AVX2 machines)
+    compiles to entry points that say "unsupported", so the step keeps torch.mm there."""
+    source = next(p for p in kernels.SOURCES if p.name == "linear_bf16.cpp")
+    out = tmp_path / "linear_no_bf16.so"
+    flags = [f for f in kernels.CFLAGS if not f.startswith("-march")] + ["-march=x86-64-v2"]
+    subprocess.run([kernels.compiler(), *flags, "-o", str(out), str(source)], check=True, timeout=120)
+    built = ctypes.CDLL(str(out))
+    assert built.prad_linear_bf16_supported() == 0
+    assert built.prad_linear_bf16(None, 1, 1, None, 16, 16, None, None, 16, 1) == -2
 
 
 def _assert_within_one_rounding(got: torch.Tensor, expected: torch.Tensor) -> None:
