@@ -10,8 +10,9 @@
 //
 // SIMD through GCC/Clang vector extensions (16 floats): -march=native lowers them to AVX-512, or
 // pairs of AVX2 registers. Operands are addressed through element strides, so the caller passes
-// PyTorch views as they are. Built by prad/kernels/__init__.py (-O3 -march=native -fopenmp); it
-// links the OpenMP runtime torch has already loaded, so it shares torch's threads.
+// PyTorch views as they are. Built by prad/kernels/__init__.py (-O3 -march=native); work items are
+// spread over the kernels' own thread pool (pool.h).
+#include "pool.h"
 #include "simd.h"
 
 namespace {
@@ -196,8 +197,9 @@ int run(const T *q, int64_t qsb, int64_t qsh, int64_t qsd, const T *k_new, const
     const Args<T> a{q, k_new, v_new, {qsb, qsh, qsd}, {nsb, nsh, nsd}, {osb, osh, osd}, k_cache, v_cache, out,
                     row_stride, head_stride, positions, cos, sin, scale};
     const int64_t items = batch * num_kv_heads;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t i = 0; i < items; i++) item(a, i / num_kv_heads, i % num_kv_heads);
+    parallel_for(num_threads, items, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; i++) item(a, i / num_kv_heads, i % num_kv_heads);
+    });
     return 0;
 }
 

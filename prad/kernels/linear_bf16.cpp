@@ -13,19 +13,27 @@
 // order of the sums differs). On the 2-core AMD EPYC (Zen 4) VM of session 8, a whole SmolLM2 step's
 // projections at 64 columns ran x1.3 faster than torch.mm (oneDNN) on the same weights, paired runs.
 //
-// Built with the other kernels (-O3 -march=native -fopenmp); without AVX512-BF16 the entry points
+// Built with the other kernels (-O3 -march=native); row blocks are spread over pool.h's threads,
+// claimed BLOCKS_PER_CHUNK at a time. Without AVX512-BF16 the entry points
 // report "unsupported" and the decode step keeps torch.mm.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "pool.h"
 
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 
 namespace {
 
-constexpr int ROWS = 6;       // weight rows per tile
-constexpr int COL_VECS = 4;   // 16-column vectors per tile (64 columns)
+using prad::parallel_for;
+
+constexpr int ROWS = 6;        // weight rows per tile of 64 (or 48) columns: 24 accumulators
+constexpr int NARROW_ROWS = 12;  // ... of at most 32 columns (batches of up to 32), 12-24 accumulators
+constexpr int COL_VECS = 4;    // 16-column vectors per tile (64 columns)
+constexpr int BLOCKS_PER_CHUNK = 4;  // row blocks a thread claims at a time (prad/kernels/pool.h)
 constexpr int PREFETCH_TILES = 1;  // weight blocks ahead (1 and 2 ran alike; 0 was ~7 % slower)
 
 // x [K, N] (row stride ldx) -> xp [(K + 1) / 2, N] pairs, an odd K's last pair padded with zero.
@@ -102,8 +110,8 @@ inline void tile(const uint16_t *w, int64_t k, const uint32_t *xp, int64_t n, co
     const char *ahead = reinterpret_cast<const char *>(rows + PREFETCH_TILES * R * k);
     uint32_t pairs[R];
     for (int64_t p = 0; p < k / 2; p++) {
-        // the block ahead is R * k * 2 bytes, 4 R bytes per pair: a line every 64 / (4 R) pairs
-        if ((p & 1) == 0) _mm_prefetch(ahead + p * 4 * R, _MM_HINT_T0);
+        // the block ahead is R * k * 2 bytes, 4 R bytes per pair: every 64-byte line gets a prefetch
+        if (4 * R >= 32 || (p & 1) == 0) _mm_prefetch(ahead + p * 4 * R, _MM_HINT_T0);
         for (int r = 0; r < R; r++) pairs[r] = weight_pair(rows + r * k, p);
         multiply_pair<R, NB>(acc, pairs, xp + p * n + c);
     }
@@ -148,14 +156,20 @@ int linear(const uint16_t *w, int64_t m, int64_t k, const uint16_t *x, int64_t n
     packed.resize(size_t((k + 1) / 2 * n));
     pack_pairs(x, k, n, ldx, packed.data());
     const uint32_t *xp = packed.data();
-    const int64_t blocks = m / ROWS;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static) nowait
-        for (int64_t b = 0; b < blocks; b++) row_block<ROWS>(w, k, xp, n, bias, b * ROWS, out);
-#pragma omp single nowait
-        last_rows(w, k, xp, n, bias, blocks * ROWS, m - blocks * ROWS, out);
-    }
+    // Narrow activations (up to 32 columns) have few accumulators per row: taller tiles keep
+    // enough independent VDPBF16PS in flight to cover its latency.
+    const int64_t rows = n <= 32 ? NARROW_ROWS : ROWS;
+    parallel_for(threads, (m + rows - 1) / rows, BLOCKS_PER_CHUNK, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; b++) {
+            const int64_t first = b * rows, left = std::min(rows, m - first);
+            if (left == NARROW_ROWS) row_block<NARROW_ROWS>(w, k, xp, n, bias, first, out);
+            else if (left == ROWS) row_block<ROWS>(w, k, xp, n, bias, first, out);
+            else if (left > ROWS) {  // the last of the narrow blocks
+                row_block<ROWS>(w, k, xp, n, bias, first, out);
+                last_rows(w, k, xp, n, bias, first + ROWS, left - ROWS, out);
+            } else last_rows(w, k, xp, n, bias, first, left, out);
+        }
+    });
     return 0;
 }
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
 import platform
+import signal
 import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -88,6 +93,63 @@ def test_decode_attention_matches_reference(lib, dtype, tol, num_heads, num_kv_h
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)  # the new K/V landed exactly, only there
     err = (out.float() - ref_out.float()).abs().max()
     assert err <= tol * max(1.0, ref_out.float().abs().max()), err
+
+
+def _attention_call(seed: int) -> Callable[[int], torch.Tensor]:
+    """A bf16 SmolLM2-shaped decode attention over 32 rows; the returned call(threads) runs it on
+    fresh copies of its inputs and returns the output."""
+    gen = torch.Generator().manual_seed(seed)
+    bsz, heads, kv_heads, dim, capacity = 32, 9, 3, 64, 160
+    q = torch.randn(bsz, heads, dim, generator=gen).bfloat16()
+    kv_new = torch.randn(bsz, 2 * kv_heads, dim, generator=gen).bfloat16()
+    cache = torch.randn(2, bsz, kv_heads, capacity, dim, generator=gen).bfloat16()
+    positions = torch.randint(0, capacity, (bsz,), generator=gen)
+    tables = _rope_tables(capacity, dim)
+
+    def call(threads: int) -> torch.Tensor:
+        k_cache, v_cache, out = cache[0].clone(), cache[1].clone(), torch.empty_like(q)
+        kernels.decode_attention(q, kv_new[:, :kv_heads], kv_new[:, kv_heads:], k_cache, v_cache, positions, tables,
+                                 0.125, out, threads)
+        return out
+
+    return call
+
+
+def test_the_thread_pool_gives_the_same_results_to_concurrent_callers(lib) -> None:
+    """Each work item runs on one thread, so the output is the same on 1 or 2 threads; callers on four
+    Python threads at once (one job at a time runs on the pool, the others alone) all get it too."""
+    calls = [_attention_call(seed) for seed in range(4)]
+    expected = [call(1) for call in calls]
+    assert all(torch.equal(call(2), want) for call, want in zip(calls, expected, strict=True))
+
+    def hammer(i: int) -> bool:
+        return all(torch.equal(calls[i](2), expected[i]) for _ in range(25))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(hammer, range(4)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_gets_a_working_thread_pool(lib) -> None:
+    """The parent's pool workers do not exist in a forked child: its kernel calls must neither wait for
+    them (a job offered to a worker that never takes it is withdrawn) nor compute anything else."""
+    call = _attention_call(7)
+    expected = call(2)  # the parent's pool is running now
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery from here on, only an exit status
+        try:
+            torch.set_num_threads(1)  # torch's own OpenMP team does not survive fork() either
+            os._exit(0 if torch.equal(call(2), expected) else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's kernel call hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def test_decode_attention_refuses_a_position_past_the_cache_and_writes_nothing(lib) -> None:
