@@ -140,6 +140,39 @@ def median(values: Sequence[float]) -> float:
 MATMUL_LAYOUTS = ("row_major", "weight", "weight_left")
 
 
+def matmul_operands(rows: int, inner: int, cols: int, dtype: torch.dtype, layout: str,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two operands of [rows, inner] x [inner, cols] in `layout` (see `matmul_flops_per_s`)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, inner, generator=gen).to(dtype)
+    if layout == "row_major":
+        b = torch.randn(inner, cols, generator=gen).to(dtype)
+    elif layout == "weight":
+        b = torch.randn(cols, inner, generator=gen).to(dtype).t()
+    else:
+        a, b = torch.randn(cols, inner, generator=gen).to(dtype), a.t().contiguous()
+    return a.to(device), b.to(device)
+
+
+def matmul_loop(a: torch.Tensor, b: torch.Tensor, calls: int) -> float:
+    """FLOP/s of `calls` back-to-back torch.matmul(a, b), timed as one loop."""
+    flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+
+    def loop() -> None:
+        for _ in range(calls):
+            torch.matmul(a, b)
+
+    return calls * flops / time_call(loop)
+
+
+def calls_for(a: torch.Tensor, b: torch.Tensor, seconds: float) -> int:
+    """How many matmul(a, b) calls take about `seconds` (at least 3), after two warm-up calls."""
+    for _ in range(2):
+        torch.matmul(a, b)
+    per_call = time_call(lambda: torch.matmul(a, b))
+    return max(3, int(seconds / max(per_call, 1e-7)))
+
+
 def matmul_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype, layout: str,
                        device: torch.device, min_seconds: float = 0.2) -> float:
     """FLOP/s of one timed loop of plain torch.matmul [rows, inner] x [inner, cols] (2*rows*inner*cols each).
@@ -150,26 +183,8 @@ def matmul_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype, lay
     "weight_left": the same product computed transposed, contiguous [cols, inner] x [inner, rows],
     the orientation of the decode step (prad/decode_step.py).
     """
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(rows, inner, generator=gen).to(dtype)
-    if layout == "row_major":
-        b = torch.randn(inner, cols, generator=gen).to(dtype)
-    elif layout == "weight":
-        b = torch.randn(cols, inner, generator=gen).to(dtype).t()
-    else:
-        a, b = torch.randn(cols, inner, generator=gen).to(dtype), a.t().contiguous()
-    a, b = a.to(device), b.to(device)
-    flops = 2.0 * rows * inner * cols
-    for _ in range(2):
-        torch.matmul(a, b)
-    per_call = time_call(lambda: torch.matmul(a, b))
-    calls = max(3, int(min_seconds / max(per_call, 1e-7)))
-
-    def loop() -> None:
-        for _ in range(calls):
-            torch.matmul(a, b)
-
-    return calls * flops / time_call(loop)
+    a, b = matmul_operands(rows, inner, cols, dtype, layout, device)
+    return matmul_loop(a, b, calls_for(a, b, min_seconds))
 
 
 def best_matmul_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype,

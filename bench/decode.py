@@ -29,8 +29,14 @@ What is measured, per dtype (`--dtypes`) and batch size B (`--batches`):
   (576 x 1536 on SmolLM2), plus [B, d] x [d, intermediate] per batch size for context; each the
   fastest of three layouts (right operand contiguous; right operand the transposed `[out, in]`
   weight; or the transposed product, weight on the left, as the decode step computes it), sampled
-  once per repeat between the decode runs.
-* The decode step's achieved FLOP rate as a fraction of that matmul rate. FLOPs counted per step:
+  once per repeat between the decode runs. The reference is also sampled at every timed step: a
+  ~20 ms loop of the round's fastest layout right after the base condition's step (`MatmulSampler`).
+* The decode step's achieved FLOP rate as a fraction of that matmul rate, paired like the ratios:
+  the median over every timed step of (step FLOPs / base step seconds) / the matmul rate sampled
+  next to it, with its 95 % interval; the fraction against the per-repeat samples is also recorded
+  (`fraction_of_matmul_ref_rounds`); it moves with the VM's drift (session 8, bf16 batch 64: two runs
+  whose steps took 130 and 132 ms read 0.574 and 0.979, their references 238 and 138 GFLOP/s).
+  FLOPs counted per step:
   2 * B * (all linear weights: q|k|v, o, gate|up and down of every layer, plus the LM head) for the
   projections, plus attention 4 * B * layers * num_heads * head_dim * num_keys (Q.K^T and P.V over
   the num_keys = position + 1 keys each row attends). Not counted: embedding lookup, norms, RoPE,
@@ -58,12 +64,16 @@ import torch
 from tqdm import tqdm
 
 from bench.common import (
+    MATMUL_LAYOUTS,
     add_common_args,
     best_matmul_flops_per_s,
+    calls_for,
     format_table,
     load,
     machine_info,
     make_adapter,
+    matmul_loop,
+    matmul_operands,
     median,
     parse_ints,
     pyplot,
@@ -83,6 +93,7 @@ from prefill_service.runner import ChunkInput, ChunkOutput, PrefillRunner
 # "forward": the base KV again, stepped through the generic token-major `Model.forward` instead of
 # the decode step (prad/decode_step.py), so the two implementations are compared in the same run.
 CONDITIONS = ("base", "tasks", "forward", "torch-ops")
+REF_SAMPLE_SECONDS = 0.02  # one paired matmul-reference sample per timed step
 FLOP_COUNT = ("per step: 2*B*(linear weight count: qkv, o, gate|up, down of every layer + lm_head) "
               "+ attention 4*B*layers*num_heads*head_dim*num_keys (num_keys = position+1); "
               "embedding, norms, RoPE, SiLU, softmax, KV write, argmax not counted")
@@ -114,9 +125,12 @@ class BatchResult:
     native_over_torch_ops: float = 0.0  # the native kernels' speed-up of the step (paired)
     flops_per_step: float = 0.0  # mean over the timed steps
     achieved_flops_per_s: float = 0.0  # base condition
-    matmul_ref_flops_per_s: float = 0.0  # [ref_rows, d] x [d, I]
+    matmul_ref_flops_per_s: float = 0.0  # [ref_rows, d] x [d, I], median of the per-step samples
+    matmul_ref_rounds_flops_per_s: float = 0.0  # the same, median of the per-repeat samples
     matmul_same_rows_flops_per_s: float = 0.0  # [B, d] x [d, I]
-    fraction_of_matmul_ref: float = 0.0
+    fraction_of_matmul_ref: float = 0.0  # median over steps of paired achieved / reference
+    fraction_of_matmul_ref_ci95: tuple[float, float] = (0.0, 0.0)
+    fraction_of_matmul_ref_rounds: float = 0.0  # median achieved / median per-repeat reference
     fraction_of_matmul_same_rows: float = 0.0
 
 
@@ -284,21 +298,49 @@ def step_order(conditions: Sequence[str], step: int) -> list[str]:
     return [conditions[i] for i in blocks[step % len(blocks)]]
 
 
+@dataclass
+class MatmulSampler:
+    """The reference matmul in one layout, sized to a short timed loop (`sample`: its FLOP/s)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    calls: int
+
+    @classmethod
+    def fastest(cls, rates: dict[str, float], rows: int, inner: int, cols: int, dtype: torch.dtype,
+                device: torch.device) -> MatmulSampler:
+        """For the layout that was fastest in `rates` (a `best_matmul_flops_per_s` sample)."""
+        layout = max(MATMUL_LAYOUTS, key=lambda name: rates[name])
+        a, b = matmul_operands(rows, inner, cols, dtype, layout, device)
+        return cls(a, b, calls_for(a, b, REF_SAMPLE_SECONDS))
+
+    def sample(self) -> float:
+        """One timed loop, after two untimed calls: the step just run has evicted the operands."""
+        for _ in range(2):
+            torch.matmul(self.a, self.b)
+        return matmul_loop(self.a, self.b, self.calls)
+
+
 def interleaved_steps(states: dict[str, DecodeState], conditions: Sequence[str], batch: int, context: int,
-                      steps: int) -> dict[str, list[float]]:
-    """Per condition, the seconds of each of `steps` decode steps, the conditions' steps interleaved.
+                      steps: int, reference: MatmulSampler | None = None) -> tuple[dict[str, list[float]], list[float]]:
+    """Per condition, the seconds of each of `steps` decode steps, the conditions' steps interleaved;
+    and per step, the reference matmul's FLOP/s sampled right after the base condition's step.
 
     Step s of every condition runs (timed one at a time) before step s + 1 of any: a shared VM's
     speed drifts by tens of per cent within seconds, and interleaving at step granularity puts every
-    condition under the same drift, so their ratios measure the code, not the neighbours."""
+    condition under the same drift, so their ratios measure the code, not the neighbours. The
+    reference sample next to base's step does the same for the fraction of the matmul rate."""
     tokens = {c: states[c].first_tokens[:batch] for c in conditions}
     seconds: dict[str, list[float]] = {c: [] for c in conditions}
+    rates: list[float] = []
     for s in range(steps):
         for cond in step_order(conditions, s):
             start = time.perf_counter()
             tokens[cond] = decode_step_once(states[cond], tokens[cond], context + s)  # .tolist() syncs
             seconds[cond].append(time.perf_counter() - start)
-    return seconds
+            if cond == "base" and reference is not None:
+                rates.append(reference.sample())
+    return seconds, rates
 
 
 def prepare_kv(loaded: LoadedModel, args: argparse.Namespace) -> dict[str, PromptKV]:
@@ -324,14 +366,17 @@ class Runs:
     step_seconds: dict[int, dict[str, list[float]]]  # batch -> condition -> every timed step, in order
     matmul_ref: list[dict[str, float]] = field(default_factory=list)  # per repeat, per layout
     matmul_same_rows: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # batch -> per repeat
+    matmul_paired: dict[int, list[float]] = field(default_factory=dict)  # batch -> per timed step, in order
 
 
-def measure_references(runs: Runs, config: ModelConfig, dtype: torch.dtype, args: argparse.Namespace) -> None:
-    """One matmul-rate sample for the reference shape and for each batch's [B, d] x [d, I]."""
+def measure_references(runs: Runs, config: ModelConfig, dtype: torch.dtype, args: argparse.Namespace) -> MatmulSampler:
+    """One matmul-rate sample for the reference shape and for each batch's [B, d] x [d, I]; returns
+    the round's per-step sampler of the reference shape in its fastest layout."""
     d, inter, device = config.hidden_size, config.intermediate_size, torch.device(args.device)
     runs.matmul_ref.append(best_matmul_flops_per_s(args.ref_rows, d, inter, dtype, device))
     for batch in args.batches:
         runs.matmul_same_rows.setdefault(batch, []).append(best_matmul_flops_per_s(batch, d, inter, dtype, device))
+    return MatmulSampler.fastest(runs.matmul_ref[-1], args.ref_rows, d, inter, dtype, device)
 
 
 def time_decode(loaded: LoadedModel, kvs: dict[str, PromptKV], args: argparse.Namespace) -> Runs:
@@ -349,13 +394,14 @@ def time_decode(loaded: LoadedModel, kvs: dict[str, PromptKV], args: argparse.Na
     with tqdm(total=args.repeats * len(args.batches), desc=f"decode {dtype}", unit="batch") as bar:
         for rep in range(args.repeats):
             states = states_for_round(runners, kvs, rep)
-            measure_references(runs, loaded.config, dtype, args)
+            reference = measure_references(runs, loaded.config, dtype, args)
             for batch in args.batches:
                 synchronize()
-                seconds = interleaved_steps(states, CONDITIONS, batch, args.context, args.steps)
+                seconds, rates = interleaved_steps(states, CONDITIONS, batch, args.context, args.steps, reference)
                 for cond, secs in seconds.items():
                     runs.tokens_per_s[batch][cond].append(batch * args.steps / sum(secs))
                     runs.step_seconds[batch][cond].extend(secs)
+                runs.matmul_paired.setdefault(batch, []).extend(rates)
                 bar.update()
     return runs
 
@@ -385,14 +431,25 @@ def median_best(samples: list[dict[str, float]]) -> float:
     return median([s["best"] for s in samples])
 
 
+def step_fractions(step_flops_per_step: Sequence[float], base_seconds: Sequence[float],
+                   reference_rates: Sequence[float]) -> list[float]:
+    """Per timed step: its achieved FLOP/s (FLOPs / base step seconds) over the reference rate sampled
+    next to it. step_flops_per_step holds one round's steps; the timings run over every round."""
+    rounds = len(step_flops_per_step)
+    return [step_flops_per_step[i % rounds] / secs / rate
+            for i, (secs, rate) in enumerate(zip(base_seconds, reference_rates, strict=True))]
+
+
 def summarise(runs: Runs, config: ModelConfig, dtype: str, args: argparse.Namespace) -> list[BatchResult]:
-    ref = median_best(runs.matmul_ref)
+    ref_rounds = median_best(runs.matmul_ref)
     results = []
     for batch in args.batches:
         tps = {c: median(runs.tokens_per_s[batch][c]) for c in CONDITIONS}
         flops = mean_step_flops(config, batch, args.context, args.steps)
         achieved = flops * tps["base"] / batch
         same_rows = median_best(runs.matmul_same_rows[batch])
+        per_step = [step_flops(config, batch, args.context + s + 1) for s in range(args.steps)]
+        fractions = step_fractions(per_step, runs.step_seconds[batch]["base"], runs.matmul_paired[batch])
         results.append(BatchResult(
             dtype=dtype, batch=batch, steps=args.steps, context=args.context, tokens_per_s=tps,
             tokens_per_s_runs=runs.tokens_per_s[batch], step_seconds=runs.step_seconds[batch],
@@ -401,8 +458,10 @@ def summarise(runs: Runs, config: ModelConfig, dtype: str, args: argparse.Namesp
             tasks_over_base_of_medians=tps["tasks"] / tps["base"],
             step_over_forward=paired_ratio(runs.step_seconds[batch], "base", "forward"),
             native_over_torch_ops=paired_ratio(runs.step_seconds[batch], "base", "torch-ops"),
-            flops_per_step=flops, achieved_flops_per_s=achieved, matmul_ref_flops_per_s=ref,
-            matmul_same_rows_flops_per_s=same_rows, fraction_of_matmul_ref=achieved / ref,
+            flops_per_step=flops, achieved_flops_per_s=achieved,
+            matmul_ref_flops_per_s=median(runs.matmul_paired[batch]), matmul_ref_rounds_flops_per_s=ref_rounds,
+            matmul_same_rows_flops_per_s=same_rows, fraction_of_matmul_ref=median(fractions),
+            fraction_of_matmul_ref_ci95=median_ci95(fractions), fraction_of_matmul_ref_rounds=achieved / ref_rounds,
             fraction_of_matmul_same_rows=achieved / same_rows))
     return results
 
@@ -413,6 +472,7 @@ def measure_dtype(dtype: str, args: argparse.Namespace) -> tuple[list[BatchResul
     runs = time_decode(loaded, prepare_kv(loaded, args), args)
     reference = {"shape": [args.ref_rows, config.hidden_size, config.intermediate_size],
                  "samples": runs.matmul_ref,
+                 "paired_samples": {str(b): v for b, v in runs.matmul_paired.items()},
                  "same_rows_samples": {str(b): v for b, v in runs.matmul_same_rows.items()},
                  "linear_weight_count": linear_weight_count(config)}
     return summarise(runs, config, dtype, args), reference
@@ -422,17 +482,20 @@ def print_report(results: list[BatchResult], ref_rows: int) -> None:
     headers = ["dtype", "batch", "base tok/s", "tasks tok/s", "tasks/base", "95% interval", "step ms",
                "forward ms",
                "step/forward", "torch-ops ms", "native/torch", "GFLOP/s", f"matmul{ref_rows} GFLOP/s",
-               f"frac of mm{ref_rows}", "frac of mmB"]
+               f"frac of mm{ref_rows}", "95% interval", "frac (rounds)", "frac of mmB"]
     rows = [[r.dtype, r.batch, r.tokens_per_s["base"], r.tokens_per_s["tasks"], r.tasks_over_base,
              "{:.3f}-{:.3f}".format(*r.tasks_over_base_ci95),
              1000.0 * r.batch / r.tokens_per_s["base"], 1000.0 * r.batch / r.tokens_per_s["forward"],
              r.step_over_forward, 1000.0 * r.batch / r.tokens_per_s["torch-ops"], r.native_over_torch_ops,
              r.achieved_flops_per_s / 1e9,
-             r.matmul_ref_flops_per_s / 1e9, r.fraction_of_matmul_ref, r.fraction_of_matmul_same_rows]
+             r.matmul_ref_flops_per_s / 1e9, r.fraction_of_matmul_ref,
+             "{:.3f}-{:.3f}".format(*r.fraction_of_matmul_ref_ci95), r.fraction_of_matmul_ref_rounds,
+             r.fraction_of_matmul_same_rows]
             for r in results]
     print(format_table(headers, rows))
     print("targets: tasks/base >= 0.99; fraction of the matmul rate at batch 64 >= 0.5 "
-          "(tasks/base: median of per-step paired ratios, with its 95 % interval)")
+          "(both: medians of per-step paired ratios, with their 95 % intervals; 'frac (rounds)': "
+          "against the matmul sampled once per repeat)")
     print(f"FLOPs counted {FLOP_COUNT}")
 
 

@@ -25,6 +25,9 @@ def test_decode_bench_smoke(tmp_path) -> None:
         assert min(r["tokens_per_s"].values()) > 0 and r["step_over_forward"] > 0
         assert r["native_over_torch_ops"] > 0
         assert r["matmul_ref_flops_per_s"] > 0 and r["fraction_of_matmul_ref"] > 0
+        low, high = r["fraction_of_matmul_ref_ci95"]
+        assert low <= r["fraction_of_matmul_ref"] <= high and r["fraction_of_matmul_ref_rounds"] > 0
+        assert len(out["matmul_reference"]["float32"]["paired_samples"][str(r["batch"])]) == 2  # one per step
         assert {len(v) for v in r["step_seconds"].values()} == {2}  # repeats x steps, every condition
         low, high = r["tasks_over_base_ci95"]
         assert low <= r["tasks_over_base"] <= high

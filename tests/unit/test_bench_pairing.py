@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from bench.decode import median_ci95, paired_ratio, step_order
+from bench.decode import median_ci95, paired_ratio, step_fractions, step_order
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
@@ -38,3 +38,12 @@ def test_median_interval_contains_the_median_and_narrows_with_more_samples() -> 
     assert lo_few <= 1.0 <= hi_few and lo_many <= 1.0 <= hi_many
     assert hi_many - lo_many < hi_few - lo_few
     assert median_ci95([3.0]) == (3.0, 3.0)
+
+
+def test_step_fractions_pair_each_step_with_the_reference_sampled_next_to_it() -> None:
+    flops = [10.0, 20.0]  # one round of two steps; two rounds timed
+    base_seconds = [1.0, 2.0, 0.5, 1.0]  # achieved: 10, 10, 20, 20 FLOP/s
+    rates = [20.0, 10.0, 40.0, 20.0]  # the machine ran twice as fast in the second round, both alike
+    assert step_fractions(flops, base_seconds, rates) == [0.5, 1.0, 0.5, 1.0]
+    with pytest.raises(ValueError):
+        step_fractions(flops, base_seconds, rates[:3])  # one sample per timed step
