@@ -43,9 +43,11 @@ LM_HEAD_CHUNK_ROWS = 2048  # CPU fp32: vocab rows per LM-head GEMM, so each [204
 CPU_COLUMN_MULTIPLE = 16
 
 
-def padded_columns(batch: int, device: torch.device) -> int:
-    """How many activation columns a step of `batch` rows computes (the extra ones are zeros)."""
-    if batch == 1 or device.type != "cpu":
+def padded_columns(batch: int, device: torch.device, native_linear: bool = False) -> int:
+    """How many activation columns a step of `batch` rows computes (the extra ones are zeros). One
+    row stays one column (a GEMV) unless the native bf16 projections run (`native_linear`): torch's
+    bf16 GEMV took a batch-1 step 47 ms, 16 padded columns through the kernel 30 ms (session 8)."""
+    if device.type != "cpu" or (batch == 1 and not native_linear):
         return batch
     return -(-batch // CPU_COLUMN_MULTIPLE) * CPU_COLUMN_MULTIPLE
 
@@ -76,8 +78,9 @@ def _step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, kv: KV
           hooks: AdapterHooks | None, threads: int, native_kernels: bool) -> torch.Tensor:
     w, c = model.weights, model.config
     bsz = token_ids.shape[0]
+    native_linear = native_kernels and kernels.supports_linear(w.embed.dtype, w.embed.device)
     # h: [d, P], P >= B columns; padding columns start at zero and never reach attention or the KV.
-    h = _columns(w.embed[token_ids].t(), padded_columns(bsz, w.embed.device))
+    h = _columns(w.embed[token_ids].t(), padded_columns(bsz, w.embed.device, native_linear))
     if w.pos_embed is not None:
         h[:, :bsz] += w.pos_embed[positions].t()
     native = native_kernels and kernels.supports(w.embed.dtype, w.embed.device, c.head_dim,
@@ -85,8 +88,7 @@ def _step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, kv: KV
     attend = _native_attend(model) if native else _torch_attend(model, positions)
     fused = native_kernels and c.family == "llama" and kernels.supports_elementwise(w.embed.dtype, w.embed.device)
     add_norm = _fused_add_norm(c) if fused else _torch_add_norm(c)
-    native_linear = (native_kernels and kernels.supports_linear(w.embed.dtype, w.embed.device)
-                     and kernels.linear_columns_ok(h))
+    native_linear = native_linear and kernels.linear_columns_ok(h)
     linear = _native_linear(threads) if native_linear else _torch_linear(threads)
     # Each layer's input norm is computed with the residual add that precedes it (the previous
     # layer's MLP output; the last one's feeds the final norm).

@@ -19,9 +19,11 @@ from tests.helpers import random_adapter, tiny_hf_model
 
 @pytest.fixture(autouse=True, params=["native", "torch"])
 def attention_path(request, monkeypatch) -> str:
-    """Every test runs twice: attention through the native kernel (prad/kernels) and through PyTorch."""
+    """Every test runs twice: attention (and, on CPUs with AVX512-BF16, the bf16 projections) through
+    the native kernels (prad/kernels) and through PyTorch."""
     if request.param == "torch":
         monkeypatch.setattr(kernels, "supports", lambda *args: False)
+        monkeypatch.setattr(kernels, "supports_linear", lambda *args: False)
     elif kernels.library() is None:
         pytest.skip("the native decode attention could not be built here (no C++ compiler?)")
     return request.param
@@ -92,9 +94,11 @@ def test_decode_step_with_conventional_adapters_matches_forward(tmp_path) -> Non
 
 @pytest.mark.parametrize("batch", [1, 17])
 def test_decode_step_padding_never_changes_a_row(batch: int, tmp_path) -> None:
-    """CPU steps pad B to a multiple of 16 columns (B = 1 is not padded); each row equals itself alone."""
+    """CPU steps pad B to a multiple of 16 columns (B = 1 only for the native bf16 projections); each
+    row equals itself alone."""
     model = _model("llama", tmp_path, vocab_size=128)
     assert padded_columns(batch, torch.device("cpu")) == (1 if batch == 1 else 32)
+    assert padded_columns(batch, torch.device("cpu"), native_linear=True) == (16 if batch == 1 else 32)
     lengths = [3 + (r * 5) % 11 for r in range(batch)]
     kv = _prefilled(model, lengths, capacity=32)
     alone_kv = KVCache(kv.k.clone(), kv.v.clone())
@@ -104,6 +108,26 @@ def test_decode_step_padding_never_changes_a_row(batch: int, tmp_path) -> None:
         one = KVCache(alone_kv.k[:, row:row + 1].clone(), alone_kv.v[:, row:row + 1].clone())
         alone = decode_step(model, ids[row:row + 1], torch.tensor(lengths[row:row + 1]), one)
         assert torch.allclose(got[row], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 17, 40])
+def test_bf16_native_step_gives_each_row_what_it_gets_alone(batch: int, attention_path: str, tmp_path) -> None:
+    """With the native bf16 projections every output is one fixed-order sum per row and column, and
+    attention and the element-wise kernels work per row too: a bf16 row's logits are bit-identical
+    whatever else is in the batch (PyTorch's bf16 GEMMs promise no such thing; docs/design.md)."""
+    if attention_path == "torch" or not kernels.supports_linear(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("needs the native bf16 projections (AVX512-BF16)")
+    fp32 = _model("llama", tmp_path, vocab_size=LM_HEAD_CHUNK_ROWS + 300)
+    model = Model(fp32.config, fp32.weights.to(torch.device("cpu"), torch.bfloat16))
+    lengths = [3 + (r * 5) % 11 for r in range(batch)]
+    kv = _prefilled(model, lengths, capacity=32)
+    alone_kv = KVCache(kv.k.clone(), kv.v.clone())
+    ids = torch.arange(2, 2 + batch) * 37 % model.config.vocab_size
+    got = decode_step(model, ids, torch.tensor(lengths), kv)
+    for row in sorted({0, batch // 2, batch - 1}):
+        one = KVCache(alone_kv.k[:, row:row + 1].clone(), alone_kv.v[:, row:row + 1].clone())
+        alone = decode_step(model, ids[row:row + 1], torch.tensor(lengths[row:row + 1]), one)
+        assert torch.equal(got[row], alone[0])
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
