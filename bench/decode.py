@@ -435,8 +435,8 @@ def step_fractions(step_flops_per_step: Sequence[float], base_seconds: Sequence[
                    reference_rates: Sequence[float]) -> list[float]:
     """Per timed step: its achieved FLOP/s (FLOPs / base step seconds) over the reference rate sampled
     next to it. step_flops_per_step holds one round's steps; the timings run over every round."""
-    rounds = len(step_flops_per_step)
-    return [step_flops_per_step[i % rounds] / secs / rate
+    steps = len(step_flops_per_step)
+    return [step_flops_per_step[i % steps] / secs / rate
             for i, (secs, rate) in enumerate(zip(base_seconds, reference_rates, strict=True))]
 
 

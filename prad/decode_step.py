@@ -46,7 +46,7 @@ CPU_COLUMN_MULTIPLE = 16
 def padded_columns(batch: int, device: torch.device, native_linear: bool = False) -> int:
     """How many activation columns a step of `batch` rows computes (the extra ones are zeros). One
     row stays one column (a GEMV) unless the native bf16 projections run (`native_linear`): torch's
-    bf16 GEMV took a batch-1 step 47 ms, 16 padded columns through the kernel 30 ms (session 8)."""
+    bf16 GEMV took a batch-1 step 47 ms, 16 padded columns through the kernel 25 ms (session 8)."""
     if device.type != "cpu" or (batch == 1 and not native_linear):
         return batch
     return -(-batch // CPU_COLUMN_MULTIPLE) * CPU_COLUMN_MULTIPLE
@@ -171,8 +171,8 @@ def _torch_linear(threads: int) -> Linear:
 
 
 def _native_linear(threads: int) -> Linear:
-    """bf16 on a CPU with AVX512-BF16: prad/kernels/linear_bf16.cpp, x1.3 faster than oneDNN's
-    torch.mm over a SmolLM2 step's projections at 64 columns (docs/design.md)."""
+    """bf16 on a CPU with AVX512-BF16: prad/kernels/linear_bf16.cpp, x1.4 faster than oneDNN's
+    torch.mm over a SmolLM2 step's projections at 64 columns, x2.2 at 16 (docs/design.md)."""
     def linear(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return kernels.linear_bf16(weight, x, bias, threads)
 

@@ -202,7 +202,7 @@ def lm_head_bf16(weight: torch.Tensor, x: torch.Tensor, rows: int, threads: int)
 
 def _linear_library(weight: torch.Tensor, x: torch.Tensor) -> ctypes.CDLL:
     lib = library()
-    assert lib is not None and lib.prad_linear_bf16_supported(), "check supports_linear() first"
+    assert lib is not None and supports_linear(torch.bfloat16, torch.device("cpu")), "check supports_linear() first"
     for name, t in (("weight", weight), ("x", x)):
         if t.dim() != 2 or not t.is_contiguous() or t.dtype != torch.bfloat16 or t.device.type != "cpu":
             raise ValueError(f"linear_bf16: {name} must be a contiguous 2-D bf16 CPU tensor, "

@@ -11,7 +11,8 @@
 //
 // Accumulation is in fp32; the result is rounded to bf16 once, as oneDNN's bf16 GEMM does (only the
 // order of the sums differs). On the 2-core AMD EPYC (Zen 4) VM of session 8, a whole SmolLM2 step's
-// projections at 64 columns ran x1.3 faster than torch.mm (oneDNN) on the same weights, paired runs.
+// projections ran x1.4 faster than torch.mm (oneDNN) on the same weights at 64 columns and x2.2 at
+// 16 (paired runs, on pool.h's threads).
 //
 // Built with the other kernels (-O3 -march=native); row blocks are spread over pool.h's threads,
 // claimed BLOCKS_PER_CHUNK at a time. Without AVX512-BF16 the entry points
