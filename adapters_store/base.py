@@ -14,7 +14,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-VERSION_RE = re.compile(r"^[0-9a-f]{16}$")  # prad.adapters.io.content_version(): 16 lowercase hex
+# prad.adapters.io.content_version(): 16 lowercase hex; use with fullmatch ("$" lets a trailing newline pass)
+VERSION_RE = re.compile(r"[0-9a-f]{16}")
 
 # callback(task, active_version_or_None), called after a task's active version changed.
 ChangeCallback = Callable[[str, "str | None"], None]
@@ -67,7 +68,7 @@ class StoreCorruptError(StoreError):
 
 def validate_version(version: str) -> str:
     """The version itself, or InvalidVersionError naming it."""
-    if not isinstance(version, str) or not VERSION_RE.match(version):
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
         raise InvalidVersionError(f"invalid adapter version {version!r}: expected 16 lowercase hex characters")
     return version
 

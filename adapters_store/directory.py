@@ -22,10 +22,10 @@ class DirectoryStore(AdapterStore):
         if self.root is None:
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and TASK_ID_RE.match(p.name) and p.name != "base")
+                      if p.is_dir() and TASK_ID_RE.fullmatch(p.name) and p.name != "base")
 
     def _folder(self, task: str) -> Path:
-        if self.root is None or not TASK_ID_RE.match(task) or not (self.root / task).is_dir():
+        if self.root is None or not TASK_ID_RE.fullmatch(task) or not (self.root / task).is_dir():
             raise UnknownTaskError(task)
         return self.root / task
 

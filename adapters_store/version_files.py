@@ -26,7 +26,7 @@ VERSIONS_DIR = "versions"
 
 def is_task_id(task: str) -> bool:
     """A syntactically valid task id (read paths treat anything else as an unknown task)."""
-    return isinstance(task, str) and bool(TASK_ID_RE.match(task)) and task != "base"
+    return isinstance(task, str) and bool(TASK_ID_RE.fullmatch(task)) and task != "base"
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class VersionFiles:
         folder = self.task_dir(task) / VERSIONS_DIR
         if not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and VERSION_RE.fullmatch(p.name))
 
     def stage(self, config_bytes: bytes, weight_bytes: bytes) -> StagedVersion:
         """Write both files into a fresh staging folder and fsync them; nothing is visible yet."""

@@ -13,7 +13,8 @@ from prad.metrics import Metrics
 
 
 def create_decode_app(metrics: Metrics, stats: Callable[[], dict[str, int]], readiness: Callable[[], dict[str, str]],
-                      on_start: Callable[[], None], on_stop: Callable[[], None]) -> FastAPI:
+                      on_start: Callable[[], None], on_stop: Callable[[], None],
+                      liveness: Callable[[], dict[str, str]] = dict) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         on_start()
@@ -23,8 +24,11 @@ def create_decode_app(metrics: Metrics, stats: Callable[[], dict[str, int]], rea
     app = FastAPI(title="PrAd Serve decode", lifespan=lifespan)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz() -> JSONResponse:
+        problems = liveness()
+        if problems:
+            return JSONResponse({"status": "failing", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:

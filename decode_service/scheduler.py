@@ -117,6 +117,16 @@ class DecodeScheduler:
         out.running = list(self.rows)
         return out
 
+    def drop_all(self) -> list[DecodeSequence]:
+        """Remove every waiting and running sequence (the engine stopped); returns them."""
+        dropped = [*self.waiting, *self.rows]
+        self.waiting.clear()
+        self.rows.clear()
+        self.num_reserved_tokens = 0
+        for seq in dropped:
+            seq.status, seq.row = SeqStatus.FINISHED_ABORTED, None
+        return dropped
+
     def finish(self, seq: DecodeSequence, status: SeqStatus) -> list[KVMove]:
         """Release a running sequence's row; returns the KV move that keeps rows dense."""
         assert status.is_finished and seq.row is not None and self.rows[seq.row] is seq

@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-adapter-bytes", type=int, default=None)
     serve.add_argument("--max-task-labels", type=int, default=None, help="per-task metric labels before 'other'")
     serve.add_argument("--request-timeout-s", type=float, default=None)
+    serve.add_argument("--engine-stall-timeout-s", type=float, default=None,
+                       help="an engine stalled this long with work waiting fails /healthz")
+    serve.add_argument("--exit-when-unhealthy-s", type=float, default=None,
+                       help="exit after /healthz failed this long (Docker/systemd restart on exit)")
     serve.add_argument("--api-key", default=None, help="bearer token required on /v1/* (or PRAD_API_KEY)")
     serve.add_argument("--log-format", default=None, choices=["text", "json"])
     serve.add_argument("--log-level", default=None)

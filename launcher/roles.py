@@ -30,6 +30,8 @@ from kv_transfer.grpc_server import DecodeServicer, GrpcDecodeServer, TLSFiles
 from kv_transfer.inproc import InprocSender
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from launcher.settings import ServeSettings
+from launcher.watchdog import Watchdog
+from prad.engine_loop import EngineLoop
 from prad.loading import LoadedModel, load_model
 from prad.metrics import Metrics
 from prefill_service.adapter_cache import AdapterCache
@@ -43,11 +45,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Lifecycle:
-    """What a process starts on boot and stops on shutdown, in order, plus its readiness checks."""
+    """What a process starts on boot and stops on shutdown, in order, plus its readiness checks (can it
+    take traffic now) and liveness checks (is it broken until restarted: a dead or stalled engine)."""
 
     starts: list[Callable[[], None]] = field(default_factory=list)
     stops: list[Callable[[], None]] = field(default_factory=list)
     checks: list[Callable[[], dict[str, str]]] = field(default_factory=list)
+    engines: dict[str, EngineLoop] = field(default_factory=dict)
 
     def start(self) -> None:
         for start in self.starts:
@@ -58,10 +62,13 @@ class Lifecycle:
             stop()
 
     def readiness(self) -> dict[str, str]:
-        problems: dict[str, str] = {}
+        problems = self.liveness()
         for check in self.checks:
             problems.update(check())
         return problems
+
+    def liveness(self) -> dict[str, str]:
+        return {name: problem for name, engine in self.engines.items() if (problem := engine.liveness())}
 
 
 def _max_seq_len(settings: ServeSettings, loaded: LoadedModel) -> int:
@@ -98,10 +105,12 @@ def replica_name(settings: ServeSettings) -> str:
 def _decode_engine(settings: ServeSettings, loaded: LoadedModel, lock: AbstractContextManager[object] | None,
                    metrics: Metrics, life: Lifecycle) -> DecodeEngine:
     engine = DecodeEngine(loaded, DecodeConfig(settings.max_batch_size, _max_seq_len(settings, loaded),
-                                               settings.kv_budget, settings.max_waiting), lock, metrics)
+                                               settings.kv_budget, settings.max_waiting), lock, metrics,
+                          settings.engine_stall_timeout_s)
     life.starts.append(engine.start)
     life.stops.append(engine.stop)
     life.checks.append(lambda: {} if engine.is_alive else {"decode": "decode engine not running"})
+    life.engines["decode"] = engine
     return engine
 
 
@@ -157,7 +166,7 @@ def _front_door(settings: ServeSettings, loaded: LoadedModel, sender: KVSender, 
                 | None, metrics: Metrics, life: Lifecycle) -> FastAPI:
     prefill = PrefillEngine(loaded, sender, PrefillConfig(settings.max_prefill_tokens, settings.max_prefill_batch,
                                                          settings.max_waiting),
-                            lock, metrics)
+                            lock, metrics, settings.engine_stall_timeout_s)
     store = _versioned_store(settings, life)
     seed_errors = seed_from_folder(store, settings.adapters)
     # Created after seeding, so only changes made while serving count as hot swaps.
@@ -176,12 +185,13 @@ def _front_door(settings: ServeSettings, loaded: LoadedModel, sender: KVSender, 
     life.stops.append(prefill.stop)
     life.stops.insert(0, sender.close)  # closed last (stops run in reverse)
     life.checks.append(lambda: {} if prefill.is_alive else {"prefill": "prefill engine not running"})
+    life.engines["prefill"] = prefill
     life.checks.append(lambda: _sender_check(sender))
     admin = None
     if settings.admin_token:
         admin = build_admin_router(AdminService(store, loaded, settings.max_adapter_bytes), settings.admin_token)
     app = create_app(service, life.start, life.stop, life.readiness, settings.api_key, admin,
-                     settings.max_adapter_bytes + (2 << 20))
+                     settings.max_adapter_bytes + (2 << 20), liveness=life.liveness)
     app.state.engines = {"prefill": prefill}
     app.state.store = store
     return app
@@ -223,12 +233,16 @@ def build_app(settings: ServeSettings, loaded: LoadedModel | None = None) -> Fas
     loaded = loaded or load_model(settings.model, settings.device, settings.dtype)
     metrics = Metrics(settings.max_task_labels)
     life = Lifecycle()
+    if settings.exit_when_unhealthy_s is not None:
+        watchdog = Watchdog(life.liveness, settings.exit_when_unhealthy_s)
+        life.starts.append(watchdog.start)
+        life.stops.append(watchdog.stop)
     if settings.role == "decode":
         engine = _decode_engine(settings, loaded, None, metrics, life)
         if settings.transport == "inproc":
             raise ValueError("--role decode needs --transport grpc or redis")
         _receiver(settings, engine, loaded, life)
-        return create_decode_app(metrics, engine.stats, life.readiness, life.start, life.stop)
+        return create_decode_app(metrics, engine.stats, life.readiness, life.start, life.stop, life.liveness)
     if settings.role == "prefill":
         return _front_door(settings, loaded, make_sender(settings), None, metrics, life)
     # role=all: one lock around forward passes so the two engines never oversubscribe the cores.

@@ -42,6 +42,10 @@ class ServeSettings(BaseSettings):
     request_timeout_s: float = Field(default=300.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0, description="decode: on shutdown (SIGTERM), finish "
                                    "running requests for up to this long, taking no new ones, before aborting")
+    engine_stall_timeout_s: float = Field(default=60.0, gt=0, description="an engine that makes no progress "
+                                          "this long while work waits fails /healthz (restart it)")
+    exit_when_unhealthy_s: float | None = Field(default=None, gt=0, description="exit (code 70) after /healthz "
+                                                "has failed this long, for supervisors that restart on exit only")
     threads: int | None = Field(default=None, ge=1, description="torch threads (default: free cores)")
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"

@@ -1,21 +1,42 @@
-"""The lifecycle the prefill and decode engines share: one daemon thread running the engine's loop,
-a condition that wakes it when work arrives, and a stop flag read under that condition."""
+"""The lifecycle the prefill and decode engines share: one supervised daemon thread running the
+engine's loop, a condition that wakes it when work arrives, and a stop flag read under that condition.
+
+Supervision: an exception that escapes the loop (a bug: every per-request failure is caught inside
+the loop and fails that request alone) is logged, every request the engine holds gets an explicit
+error event, new submissions are refused with EngineUnavailableError, and `liveness()` reports it,
+so /healthz fails and the orchestrator restarts the process. A loop that makes no progress for
+`stall_timeout_s` while work waits (a hung step) is reported by `liveness()` the same way, without
+taking the engine's lock (which a hung loop may hold).
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+
+from prad.errors import EngineUnavailableError
+
+log = logging.getLogger(__name__)
+DEFAULT_STALL_TIMEOUT_S = 60.0
 
 
 class EngineLoop:
     thread_name = "engine"
 
-    def __init__(self) -> None:
+    def __init__(self, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> None:
+        if stall_timeout_s <= 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {stall_timeout_s}")
+        self.stall_timeout_s = stall_timeout_s
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.failure: str | None = None  # why the loop died, once it has
+        self._progress_s = time.monotonic()  # last time the loop went round (idle waits included)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._progress_s = time.monotonic()
+        self._thread = threading.Thread(target=self._supervised, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -27,8 +48,52 @@ class EngineLoop:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and self.failure is None
+
+    def liveness(self) -> str | None:
+        """None while the loop runs and makes progress; otherwise why not. Never takes the lock."""
+        if self.failure is not None:
+            return self.failure
+        if self._thread is None or self._stopping:
+            return None  # not started yet, or shutting down on purpose
+        if not self._thread.is_alive():
+            return f"{self.thread_name} thread is not running"
+        stalled_s = time.monotonic() - self._progress_s
+        if stalled_s > self.stall_timeout_s and self.has_work():
+            return f"{self.thread_name} made no progress for {stalled_s:.0f} s with work waiting"
+        return None
+
+    def check_accepting(self) -> None:
+        """Raise EngineUnavailableError when the loop is dead (called on submission, under no lock)."""
+        if self.failure is not None:
+            raise EngineUnavailableError(self.failure)
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            raise EngineUnavailableError(f"{self.thread_name} thread is not running")
+
+    def note_progress(self) -> None:
+        """Called by the loop each time round (after a step, and before waiting for work)."""
+        self._progress_s = time.monotonic()
+
+    def _supervised(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug in the loop: fail loudly, hold no client waiting
+            log.critical("%s stopped by an unexpected error; failing its requests", self.thread_name, exc_info=True)
+            self.failure = f"{self.thread_name} stopped: {e!r}"
+            try:
+                with self._lock:
+                    self._fail_all(self.failure)
+            except Exception:
+                log.exception("failing the requests of a stopped %s", self.thread_name)
+
+    def has_work(self) -> bool:
+        """Whether requests wait or run (read without the lock: a hint for the stall check)."""
+        raise NotImplementedError
 
     def _loop(self) -> None:
         """schedule -> execute -> update until stopped (each engine's own)."""
+        raise NotImplementedError
+
+    def _fail_all(self, message: str) -> None:
+        """Send an error event to every request the engine holds and forget them (lock held)."""
         raise NotImplementedError

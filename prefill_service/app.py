@@ -36,8 +36,11 @@ KEYED_PATHS = ("/v1/", "/generate", "/tasks")  # what --api-key protects
 def create_app(service: PrefillService, on_start: Callable[[], None] | None = None,
                on_stop: Callable[[], None] | None = None,
                readiness: Callable[[], dict[str, str]] | None = None, api_key: str | None = None,
-               admin_router: APIRouter | None = None, max_admin_body_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
-    """readiness() returns {component: problem} for what is not ready (empty = ready).
+               admin_router: APIRouter | None = None, max_admin_body_bytes: int = MAX_REQUEST_BYTES, *,
+               liveness: Callable[[], dict[str, str]] | None = None) -> FastAPI:
+    """readiness() returns {component: problem} for what is not ready (empty = ready); liveness()
+    the same for what is broken beyond recovery in this process (a dead or stalled engine): /healthz
+    answers 503 then, so the orchestrator restarts it.
     api_key, when set, is required as `Authorization: Bearer <key>` on the serving API: /generate,
     /tasks and /v1/* (probes and /metrics stay open; /admin has its own token)."""
 
@@ -52,6 +55,7 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
     app = FastAPI(title="PrAd Serve", lifespan=lifespan)
     app.state.service = service
     app.state.readiness = readiness or (lambda: {})
+    app.state.liveness = liveness or (lambda: {})
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -76,8 +80,8 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz(request: Request) -> JSONResponse:
+        return health_response(request.app.state.liveness())
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
@@ -101,6 +105,13 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
     if admin_router is not None:
         app.include_router(admin_router)
     return app
+
+
+def health_response(problems: dict[str, str]) -> JSONResponse:
+    """/healthz: 200 while the process works, 503 naming what broke (then a restart is the cure)."""
+    if problems:
+        return JSONResponse({"status": "failing", "problems": problems}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 class RequestGuard:

@@ -1,4 +1,10 @@
-"""The prefill engine: a thread running schedule -> execute -> update, handing KV to decode."""
+"""The prefill engine: a thread running schedule -> execute -> update, handing KV to decode.
+
+Failures stay with the request that caused them: a failed forward pass over a batch is retried one
+request at a time, so only the requests whose own pass fails get an error; sampling the first token
+and handing the KV over fail their request alone. See prad/engine_loop.py for what happens when the
+loop itself fails.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,8 @@ from dataclasses import dataclass
 from kv_transfer.base import EventSink, KVSender, TokenEvent
 from kv_transfer.handoff import HandoffError, KVHandoff, KVLayout
 from prad.adapters import Adapter
-from prad.engine_loop import EngineLoop
-from prad.errors import QueueFullError
+from prad.engine_loop import DEFAULT_STALL_TIMEOUT_S, EngineLoop
+from prad.errors import EngineUnavailableError, QueueFullError
 from prad.loading import LoadedModel
 from prad.metrics import Metrics
 from prad.sampling import SamplingParams, sample_one
@@ -46,7 +52,8 @@ class PrefillEngine(EngineLoop):
     thread_name = "prefill-engine"
 
     def __init__(self, loaded: LoadedModel, sender: KVSender, config: PrefillConfig,
-                 compute_lock: AbstractContextManager[object] | None = None, metrics: Metrics | None = None) -> None:
+                 compute_lock: AbstractContextManager[object] | None = None, metrics: Metrics | None = None,
+                 stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> None:
         self.loaded = loaded
         self.metrics = metrics or Metrics()
         self.sender = sender
@@ -54,14 +61,16 @@ class PrefillEngine(EngineLoop):
         self.runner = PrefillRunner(loaded.model)
         self.scheduler = PrefillScheduler(config.max_prefill_tokens, config.max_batch_size, config.max_waiting)
         self.compute_lock = compute_lock or nullcontext()
-        super().__init__()
+        super().__init__(stall_timeout_s)
         self._by_id: dict[str, PrefillRequest] = {}
         self.num_steps = 0
 
     def submit(self, request_id: str, task: str, prompt_token_ids: list[int], adapter: Adapter | None,
                adapter_version: str, sampling: SamplingParams, sink: EventSink,
                deadline_s: float | None = None) -> None:
-        """Queue a request; raises QueueFullError when the queue is at its bound."""
+        """Queue a request; raises QueueFullError when the queue is at its bound and
+        EngineUnavailableError when the engine's loop has stopped."""
+        self.check_accepting()
         job = _Job(adapter, adapter_version, sampling, sink, deadline_s, time.monotonic())
         request = PrefillRequest(request_id, task, list(prompt_token_ids), payload=job)
         with self._lock:
@@ -84,9 +93,13 @@ class PrefillEngine(EngineLoop):
         with self._lock:
             return {"num_waiting": self.scheduler.num_waiting, "num_steps": self.num_steps}
 
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting)
+
     def _loop(self) -> None:
         while True:
             with self._lock:
+                self.note_progress()
                 while not self.scheduler.waiting and not self._stopping:
                     self._lock.wait()
                 if self._stopping:
@@ -94,17 +107,32 @@ class PrefillEngine(EngineLoop):
                 batch = self.scheduler.schedule()
                 for request in batch.aborted:
                     self._by_id.pop(request.request_id, None)
-                    request.payload.sink(TokenEvent(request.request_id, [], "", finish_reason="abort",
-                                                    num_prompt_tokens=len(request.prompt_token_ids)))
-            if not batch.chunks:
-                continue
+                    _emit(request, TokenEvent(request.request_id, [], "", finish_reason="abort",
+                                              num_prompt_tokens=len(request.prompt_token_ids)))
+            if batch.chunks:
+                self._step(batch)
+
+    def _step(self, batch: PrefillBatch) -> None:
+        try:
+            outputs = self._execute(batch)
+        except Exception:
+            log.exception("prefill pass over %d request(s) failed; retrying them one by one", len(batch.chunks))
+            self.metrics.step_failures.labels("prefill").inc()
+            self._step_each(batch)
+            return
+        self._update(batch, outputs)
+
+    def _step_each(self, batch: PrefillBatch) -> None:
+        """Run each chunk of a failed batch alone: only requests whose own pass fails get an error."""
+        for chunk in batch.chunks:
+            alone = PrefillBatch([chunk])
             try:
-                outputs = self._execute(batch)
-            except Exception as e:  # a failed step fails its requests, never the engine
-                log.exception("prefill step failed")
-                self._fail(batch, f"prefill failed: {e}")
+                outputs = self._execute(alone)
+            except Exception as e:
+                log.exception("prefill of request %s failed", chunk.request.request_id)
+                self._fail(alone, f"prefill failed: {e}")
                 continue
-            self._update(batch, outputs)
+            self._update(alone, outputs)
 
     def _execute(self, batch: PrefillBatch):
         now = time.monotonic()
@@ -133,6 +161,9 @@ class PrefillEngine(EngineLoop):
     def _hand_off(self, request: PrefillRequest, out) -> None:
         try:
             self._send(request, out)
+        except Exception as e:  # e.g. sampling the first token: this request fails, no other
+            log.exception("hand-off of request %s failed", request.request_id)
+            _emit(request, _error(request, f"prefill failed: {e}", 500))
         finally:
             # An abort that arrived while the KV was being handed over is forwarded now that decode
             # knows the request; one arriving after this point goes straight to the sender.
@@ -158,6 +189,8 @@ class PrefillEngine(EngineLoop):
             self.sender.send(handoff, job.sink)
         except QueueFullError as e:
             self._send_failed(request, "queue_full", str(e), 429)
+        except EngineUnavailableError as e:
+            self._send_failed(request, "unavailable", f"decode service unavailable: {e}", 503)
         except HandoffError as e:
             self._send_failed(request, "rejected", f"decode refused the KV handoff: {e}", 502)
         except ValueError as e:
@@ -171,16 +204,28 @@ class PrefillEngine(EngineLoop):
 
     def _send_failed(self, request: PrefillRequest, reason: str, message: str, status: int) -> None:
         self.metrics.kv_transfer_failures.labels(self.sender.transport_name, reason).inc()
-        request.payload.sink(_error(request, message, status))
+        _emit(request, _error(request, message, status))
 
     def _fail(self, batch: PrefillBatch, message: str) -> None:
         with self._lock:
             for chunk in batch.chunks:
-                if chunk.request in self.scheduler.waiting:
-                    self.scheduler.waiting.remove(chunk.request)
+                self.scheduler.drop(chunk.request)
                 self._by_id.pop(chunk.request.request_id, None)
         for chunk in batch.chunks:
-            chunk.request.payload.sink(_error(chunk.request, message, 500))
+            _emit(chunk.request, _error(chunk.request, message, 500))
+
+    def _fail_all(self, message: str) -> None:
+        for request in self.scheduler.drop_all():
+            _emit(request, _error(request, message, 503))
+        self._by_id.clear()
+
+
+def _emit(request: PrefillRequest, event: TokenEvent) -> None:
+    """Deliver an event; a consumer that cannot take it (its event loop closed) is only logged."""
+    try:
+        request.payload.sink(event)
+    except Exception:
+        log.warning("could not deliver an event of request %s", request.request_id, exc_info=True)
 
 
 def _error(request: PrefillRequest, message: str, status: int) -> TokenEvent:

@@ -98,6 +98,20 @@ class PrefillScheduler:
             budget -= take
         return batch
 
+    def drop(self, request: PrefillRequest) -> None:
+        """Remove a request that failed (no-op if it already left the queue)."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        request.status = PrefillStatus.ABORTED
+
+    def drop_all(self) -> list[PrefillRequest]:
+        """Remove and return every waiting request (the engine stopped)."""
+        dropped = list(self.waiting)
+        self.waiting.clear()
+        for request in dropped:
+            request.status = PrefillStatus.ABORTED
+        return dropped
+
     def update(self, batch: PrefillBatch) -> list[PrefillRequest]:
         """Record the step's progress; returns requests whose prompt is now complete (dequeued)."""
         done = []

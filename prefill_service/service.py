@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from adapters_store.base import UnknownTaskError
 from kv_transfer.base import TokenEvent, merge_events
 from prad.adapters import Adapter, AdapterError
-from prad.errors import QueueFullError
+from prad.errors import EngineUnavailableError, QueueFullError
 from prad.loading import LoadedModel
 from prad.metrics import Metrics
 from prad.sampling import MAX_SEED, SamplingParams
@@ -130,6 +130,9 @@ class PrefillService:
         except QueueFullError as e:
             self.count_error(req.task, 429)
             raise ServiceError(429, f"server busy: {e}; retry later") from e
+        except EngineUnavailableError as e:
+            self.count_error(req.task, 503)
+            raise ServiceError(503, f"prefill engine unavailable: {e}") from e
         return self._events(req, events, deadline_s)
 
     async def _events(self, req: PreparedRequest, events: asyncio.Queue[TokenEvent],

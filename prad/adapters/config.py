@@ -15,6 +15,7 @@ a decode service without adapters cannot serve them).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ VARIANTS = ("prad-pa", "prad-sa", "prad-lora", "pa", "sa", "lora")
 PRAD_VARIANTS = ("prad-pa", "prad-sa", "prad-lora")
 LORA_TARGETS = ("q", "k", "v", "o")
 MAX_RANK = 1024
-TASK_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+TASK_ID_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # use with fullmatch: "$" lets a trailing newline pass
 
 
 class AdapterError(ValueError):
@@ -34,7 +35,7 @@ class AdapterError(ValueError):
 
 
 def validate_task_id(task: str) -> str:
-    if not TASK_ID_RE.match(task) or task == "base":
+    if not TASK_ID_RE.fullmatch(task) or task == "base":
         raise AdapterError(
             f"invalid task id {task!r}: use 1-64 chars of a-z, 0-9, '_', '.', '-' (not 'base')")
     return task
@@ -102,8 +103,10 @@ class AdapterConfig:
             bad = [t for t in self.targets if t not in LORA_TARGETS]
             if bad or not self.targets or len(set(self.targets)) != len(self.targets):
                 raise AdapterError(f"LoRA targets {list(self.targets)} invalid; choose from {list(LORA_TARGETS)}")
-        if not isinstance(self.alpha, int | float) or not isinstance(self.scale, int | float):
-            raise AdapterError("alpha and scale must be numbers")
+        for name in ("alpha", "scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise AdapterError(f"{name} must be a finite number, got {value!r}")
         if self.prompt_template is not None and "{input}" not in self.prompt_template:
             raise AdapterError("prompt_template must contain '{input}'")
 

@@ -159,3 +159,18 @@ def test_non_finite_refused(tmp_path, tiny: Model) -> None:
     save_adapter(tmp_path / "a", config, tensors)
     with pytest.raises(AdapterError, match=r"layers\.1\.pa\.up holds NaN"):
         load_adapter(tmp_path / "a", tiny.config, FP)
+
+
+@pytest.mark.parametrize("field", ["alpha", "scale"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), True, "1.0"])
+def test_non_finite_or_non_numeric_scalars_refused(field: str, value: object) -> None:
+    with pytest.raises(AdapterError, match=field):
+        AdapterConfig.from_dict({"variant": "prad-pa", "rank": 4, "base_model_fingerprint": "f", field: value})
+
+
+@pytest.mark.parametrize("task", ["evil\n", "ok\n", "a/b", "../x", "Upper", "", "base", "x" * 65, "t\x00"])
+def test_task_ids_must_match_whole(task: str) -> None:
+    from prad.adapters.config import validate_task_id
+
+    with pytest.raises(AdapterError):
+        validate_task_id(task)

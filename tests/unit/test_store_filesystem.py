@@ -224,3 +224,11 @@ def test_two_instances_share_one_root(tmp_path: Path) -> None:
     first.activate("t1", b)
     assert second.rollback("t1") == a
     assert os.path.isfile(tmp_path / ".lock")
+
+
+@pytest.mark.parametrize("version", ["0123456789abcdef\n", "0123456789ABCDEF", "0123456789abcde"])
+def test_version_ids_must_match_whole(version: str) -> None:
+    from adapters_store.base import validate_version
+
+    with pytest.raises(Exception, match="version"):
+        validate_version(version)
