@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import tempfile
@@ -39,12 +40,13 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from tqdm import tqdm
 
 from bench.common import DEFAULT_OUT, format_table, load, machine_info, median, pyplot, save_results, settings_of
-from bench.multitask import build_workload, stream_one
+from bench.multitask import build_workload
 from launcher.local import RedisServer, ServeProcess, find_redis_server, free_port
 from prad.adapters import AdapterConfig
 from prad.adapters.io import init_tensors, save_adapter
@@ -148,6 +150,36 @@ def kv_bytes_sent(url: str) -> float:
     text = httpx.get(url + "/metrics", timeout=10).text
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                if sample.name == BYTES_METRIC)
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, task: str, text: str, gen: int,
+                     prompt_len: int) -> tuple[float, list[int]]:
+    """One streamed greedy request; returns (time of its first token, its token ids). Raises unless it
+    finished by length with `gen` tokens over `prompt_len` prompt tokens."""
+    body = {"task": task, "prompt": text, "max_new_tokens": gen, "temperature": 0.0, "ignore_eos": True,
+            "stream": True}
+    first_s: float | None = None
+    token_ids: list[int] = []
+    final: dict[str, Any] = {}
+    async with client.stream("POST", url + "/generate", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"task {task}: HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"task {task}: {event['error']}")
+            if event["token_ids"] and first_s is None:
+                first_s = time.perf_counter()
+            token_ids += event["token_ids"]
+            final = event
+    usage = final.get("usage", {})
+    if final.get("finish_reason") != "length" or len(token_ids) != gen or usage.get("prompt_tokens") != prompt_len:
+        raise RuntimeError(f"task {task}: finish {final.get('finish_reason')!r}, {len(token_ids)} tokens, "
+                           f"usage {usage}; expected length, {gen} tokens, {prompt_len} prompt tokens")
+    assert first_s is not None
+    return first_s, token_ids
 
 
 async def timed_request(client: httpx.AsyncClient, url: str, text: str, gen: int,
