@@ -1,4 +1,4 @@
-"""`prad train` and `prad eval`: argparse wiring only; the work lives in prad.training.
+"""`prad train` and `prad eval`: argparse wiring only; the work lives in training.
 
 Heavy imports (torch, transformers) happen inside the commands, so `prad --help` stays fast.
 """
@@ -84,7 +84,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from prad.training.run import TrainArgs, run_training
+    from training.run import TrainArgs, run_training
 
     _set_threads(args.threads)
     train_args = TrainArgs(
@@ -103,9 +103,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from prad.adapters import load_adapter
     from prad.loading import load_model
-    from prad.training.data import Tokenizer, load_eval_examples, subset
-    from prad.training.evaluate import eval_examples, evaluate
-    from prad.training.tasks import resolve_task
+    from training.data import Tokenizer, load_eval_examples, subset
+    from training.evaluate import eval_examples, evaluate
+    from training.tasks import resolve_task
 
     _set_threads(args.threads)
     loaded = load_model(args.model, args.device, args.dtype)

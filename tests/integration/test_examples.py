@@ -14,8 +14,8 @@ from launcher.roles import build_app
 from launcher.settings import ServeSettings
 from prad.adapters import load_adapter
 from prad.reference import reference_generate
-from prad.training.tasks import format_prompt
 from tests.helpers import running_server
+from training.tasks import format_prompt
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "adapters"
 TASKS = ("sst2", "e2e", "multi30k")

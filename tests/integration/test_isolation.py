@@ -10,12 +10,14 @@ from dataclasses import replace
 
 import httpx
 import pytest
+import torch
 
 import prad.sampling
 from decode_service.engine import DecodeConfig, DecodeEngine
 from kv_transfer.base import TokenEvent
-from kv_transfer.handoff import HandoffError
+from kv_transfer.handoff import HandoffError, KVHandoff, KVLayout
 from kv_transfer.inproc import InprocSender
+from launcher.roles import build_app
 from launcher.settings import ServeSettings
 from prad.errors import EngineUnavailableError
 from prad.reference import reference_generate
@@ -148,7 +150,7 @@ def test_a_failing_prefill_batch_is_retried_one_request_at_a_time(engines, smoll
         _submit(prefill, col, "b", _ids(smollm2, "Second prompt"), SamplingParams(3, ignore_eos=True))
     assert "injected adapter fault" in (col.result("p")[1].error or "")
     for rid, text in (("a", "First prompt"), ("b", "Second prompt")):
-        tokens, final = col.result(rid)
+        tokens, _ = col.result(rid)
         assert tokens == reference_generate(smollm2.model, None, _ids(smollm2, text), 3, ignore_eos=True)
     assert prefill.metrics.step_failures.labels("prefill")._value.get() == 1
 
@@ -179,10 +181,7 @@ def test_decode_refuses_out_of_range_ids_and_parameters(engines, smollm2) -> Non
     col = Collector()
     _submit(prefill, col, "ref", _ids(smollm2, "Hi"), SamplingParams(2))
     col.result("ref")
-    v = smollm2.config.vocab_size
-    from kv_transfer.handoff import KVHandoff, KVLayout
-    c = smollm2.config
-    import torch
+    v, c = smollm2.config.vocab_size, smollm2.config
     kv = torch.zeros(c.num_layers, 2, c.num_kv_heads, 2, c.head_dim)
     layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, "float32", 2)
 
@@ -200,9 +199,7 @@ def test_decode_refuses_out_of_range_ids_and_parameters(engines, smollm2) -> Non
     assert decode.stats()["num_running"] == 0
 
 
-def test_a_dead_engine_fails_its_requests_refuses_new_ones_and_fails_healthz(smollm2, tmp_path) -> None:
-    from launcher.roles import build_app
-
+def test_a_dead_engine_fails_its_requests_refuses_new_ones_and_fails_healthz(smollm2) -> None:
     settings = ServeSettings(dtype="float32", device="cpu", max_seq_len=256, adapters=None)
     app = build_app(settings, smollm2)
     with running_server(app) as url:

@@ -15,13 +15,13 @@ from launcher.settings import ServeSettings
 from launcher.train_cli import cmd_eval, cmd_train
 from prad.adapters import load_adapter
 from prad.reference import reference_generate
-from prad.training.data import encode, read_jsonl
-from prad.training.evaluate import first_line, generate_answers
-from prad.training.loop import mean_loss
-from prad.training.objective import Objective
-from prad.training.run import TrainArgs, run_training
-from prad.training.tasks import TASKS, format_prompt
 from tests.helpers import running_server
+from training.data import encode, read_jsonl
+from training.evaluate import first_line, generate_answers
+from training.loop import mean_loss
+from training.objective import Objective
+from training.run import TrainArgs, run_training
+from training.tasks import TASKS, format_prompt
 
 SST2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"
 TASK = "sst2-pa"

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from prad.training.batching import batch_stream, bucketed_batches, num_batches_per_epoch, sorted_batches
-from prad.training.data import (
+from training.batching import batch_stream, bucketed_batches, num_batches_per_epoch, sorted_batches
+from training.data import (
     Example,
     carve_dev,
     encode,
@@ -21,8 +21,8 @@ from prad.training.data import (
     read_jsonl,
     subset,
 )
-from prad.training.loop import linear_schedule
-from prad.training.tasks import TASKS, format_prompt, resolve_task
+from training.loop import linear_schedule
+from training.tasks import TASKS, format_prompt, resolve_task
 
 EOS = 0
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from prad.training.evaluate import first_line
-from prad.training.metrics import accuracy, bleu, label_matches, normalize_label, rouge, score
+from training.evaluate import first_line
+from training.metrics import accuracy, bleu, label_matches, normalize_label, rouge, score
 
 
 def test_label_normalisation_and_matching() -> None:

@@ -14,13 +14,13 @@ from prad.adapters import Adapter, AdapterConfig, RowAdapters
 from prad.config import ModelConfig
 from prad.model import Model
 from prad.reference import reference_generate
-from prad.training.data import EncodedExample
-from prad.training.decoding import greedy_generate
-from prad.training.loop import TrainConfig, mean_loss, train_loop
-from prad.training.objective import Objective, make_batch, trainable_adapter
 from prad.weights import LayerWeights, ModelWeights
 from prefill_service.runner import ChunkInput, PrefillRunner
 from tests.helpers import random_adapter
+from training.data import EncodedExample
+from training.decoding import greedy_generate
+from training.loop import TrainConfig, mean_loss, train_loop
+from training.objective import Objective, make_batch, trainable_adapter
 
 FP = "test-fingerprint"
 PRAD = ["prad-pa", "prad-sa", "prad-lora"]

@@ -18,13 +18,13 @@ import torch
 
 from prad.adapters import Adapter, AdapterConfig, save_adapter
 from prad.loading import LoadedModel, load_model
-from prad.training.batching import num_batches_per_epoch
-from prad.training.data import TRUNCATION_SIDES, EncodedExample, Example, Tokenizer, encode, load_splits, subset
-from prad.training.evaluate import eval_examples, evaluate
-from prad.training.loop import TrainConfig, TrainLog, mean_loss, train_loop
-from prad.training.metrics import PRIMARY_SCORE
-from prad.training.objective import Objective, frozen_copy, trainable_adapter
-from prad.training.tasks import TaskSpec, resolve_task
+from training.batching import num_batches_per_epoch
+from training.data import TRUNCATION_SIDES, EncodedExample, Example, Tokenizer, encode, load_splits, subset
+from training.evaluate import eval_examples, evaluate
+from training.loop import TrainConfig, TrainLog, mean_loss, train_loop
+from training.metrics import PRIMARY_SCORE
+from training.objective import Objective, frozen_copy, trainable_adapter
+from training.tasks import TaskSpec, resolve_task
 
 TRAINABLE_VARIANTS = ("prad-pa", "prad-sa", "prad-lora", "pa", "sa", "lora")
 

@@ -18,9 +18,9 @@ import torch
 from tqdm import tqdm
 
 from prad.adapters import Adapter
-from prad.training.batching import batch_stream, sorted_batches
-from prad.training.data import EncodedExample
-from prad.training.objective import Objective, make_batch
+from training.batching import batch_stream, sorted_batches
+from training.data import EncodedExample
+from training.objective import Objective, make_batch
 
 
 @dataclass(frozen=True)

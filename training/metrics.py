@@ -12,7 +12,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from prad.training.tasks import ACCURACY, BLEU, ROUGE
+from training.tasks import ACCURACY, BLEU, ROUGE
 
 _EDGE_PUNCTUATION = string.punctuation + "“”‘’«»"
 

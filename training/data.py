@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from prad.training.tasks import TARGET_PREFIX, format_prompt
+from training.tasks import TARGET_PREFIX, format_prompt
 
 SPLIT_SEED = 0  # fixed, so `prad train` and `prad eval` agree on carved dev sets and dev subsets
 MAX_CARVED_DEV = 500

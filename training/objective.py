@@ -23,7 +23,7 @@ from prad.adapters import Adapter, AdapterConfig, RowAdapters
 from prad.adapters.io import init_tensors
 from prad.config import ModelConfig
 from prad.model import Model
-from prad.training.data import EncodedExample
+from training.data import EncodedExample
 
 TRAINING_VERSION = "training"
 

@@ -14,11 +14,11 @@ from typing import Any
 
 from prad.adapters import Adapter
 from prad.model import Model
-from prad.training.batching import sorted_batches
-from prad.training.data import Example, Tokenizer, fit_input, group_by_input
-from prad.training.decoding import greedy_generate
-from prad.training.metrics import score
-from prad.training.tasks import ACCURACY, TaskSpec, format_prompt
+from training.batching import sorted_batches
+from training.data import Example, Tokenizer, fit_input, group_by_input
+from training.decoding import greedy_generate
+from training.metrics import score
+from training.tasks import ACCURACY, TaskSpec, format_prompt
 
 
 @dataclass

@@ -3,5 +3,5 @@ training objective, the training loop, greedy decoding through the serving runne
 
 The objective is the paper's: one forward over `prompt + target` with a per-token mask (1 on prompt
 tokens for PrAd variants) multiplying every adapter output, loss on target tokens only. Entry points:
-`prad.training.run.run_training` (`prad train`) and `prad.training.evaluate.evaluate` (`prad eval`).
+`training.run.run_training` (`prad train`) and `training.evaluate.evaluate` (`prad eval`).
 """
