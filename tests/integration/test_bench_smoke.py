@@ -4,10 +4,11 @@ are checked, and the token agreements they check themselves must hold; their tim
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
-from bench import decode, multitask
+from bench import decode, multitask, soak, soak_requests
 from prad import kernels
 
 
@@ -47,3 +48,23 @@ def test_multitask_bench_smoke(tmp_path) -> None:
     assert len(agreements) == 4 and all(v == 1.0 for v in agreements.values()), checks
     assert checks["peft_vs_engine_lora_max_abs_logit_diff"] < 1e-3
     assert (tmp_path / "multitask.png").stat().st_size > 0
+
+
+def test_soak_bench_smoke(server, tmp_path) -> None:
+    """~20 s of the soak's whole mix against the in-process server; RSS is this process's (the server's)."""
+    exit_code = soak.main(["--url", server, "--pid", str(os.getpid()), "--minutes", "0.3", "--concurrency", "4",
+                           "--sample-s", "1", "--progress-s", "5", "--request-timeout-s", "20",
+                           "--out", str(tmp_path)])
+    [path] = tmp_path.glob("soak_*.json")
+    out = json.loads(path.read_text())
+    assert path.with_suffix(".png").stat().st_size > 0
+    assert exit_code == (1 if out["unexplained"]["total"] else 0)
+    assert out["num_requests"] == sum(sum(c.values()) for c in out["counts"].values()) > 10
+    assert set(out["counts"]) <= set(soak_requests.KINDS) and len(out["counts"]) >= 5
+    assert 0.0 <= out["rate_429"] <= 1.0
+    rss = out["rss"]
+    assert len(rss["samples"]) >= 10 and rss["max_mb"] > 0 and isinstance(rss["growth_pct"], float)
+    assert all(0 < v["p50"] <= v["p99"] and v["count"] > 0 for v in out["latency_s"].values())
+    assert set(out["unexplained"]) == {"total", "by_kind", "examples"}
+    assert set(out["errors"]) <= set(out["counts"])
+    assert out["server"]["tasks"][0] == "base" and out["server"]["after_load"]["is_idle"] is not None
