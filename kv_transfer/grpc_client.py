@@ -62,7 +62,7 @@ class GrpcSender(KVSender):
         finished = False
         try:
             if not await self._write_all(call, header, data):
-                sink(await _status_error(request_id, call))
+                sink(await _refusal(request_id, call) or await _status_error(request_id, call))
                 return
             async for msg in call:
                 event = event_from_proto(msg)
@@ -124,6 +124,19 @@ class GrpcSender(KVSender):
         asyncio.run_coroutine_threadsafe(self._channel.close(), self._loop).result(timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+async def _refusal(request_id: str, call: grpc.aio.StreamStreamCall) -> TokenEvent | None:
+    """The error event decode answered before the KV was all sent (e.g. a handoff over its limits), if any."""
+    try:
+        async for msg in call:
+            event = event_from_proto(msg)
+            if event.is_final:
+                event.request_id = request_id
+                return event
+    except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+        pass
+    return None
 
 
 async def _status_error(request_id: str, call: grpc.aio.StreamStreamCall) -> TokenEvent:

@@ -1,7 +1,9 @@
 """gRPC receiver on the decode side: one bidirectional stream per request, KV chunks in, tokens out.
 
 The servicer only converts protobuf <-> dataclasses and delegates to a DecodeBackend. A client that
-cancels (or whose deadline passes) cancels the handler, which aborts the request in decode.
+cancels (or whose deadline passes) cancels the handler, which aborts the request in decode. The KV a
+header announces is checked against decode's own limits before a byte of it is read: memory per call
+is bounded by decode's layout and max_seq_len, never by what a client claims.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from kv_transfer.base import DecodeBackend, TokenEvent
 from kv_transfer.handoff import HandoffError
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.protos import kv_handoff_pb2_grpc as pb_grpc
-from kv_transfer.wire import event_to_proto, handoff_from_proto, kv_checksum, parse_header
+from kv_transfer.wire import KVLimits, check_header, event_to_proto, handoff_from_proto, kv_checksum, parse_header
 from prad.errors import QueueFullError
 
 log = logging.getLogger(__name__)
 SECRET_HEADER = "x-prad-secret"
 MAX_MESSAGE_BYTES = 8 << 20
-# Both ends: messages up to 8 MiB (KV chunks are 4 MiB) and a 16 MiB HTTP/2 stream window, so a KV
-# handoff is not paced by window updates from a 64 KiB start.
+# Both ends: messages up to 8 MiB (KV chunks are 4 MiB; larger messages are refused by gRPC before
+# they reach a handler) and a 16 MiB HTTP/2 stream window, so a KV handoff is not paced by window
+# updates from a 64 KiB start.
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.http2.lookahead_bytes", 16 << 20)]
@@ -68,10 +71,12 @@ class SecretInterceptor(grpc.aio.ServerInterceptor):
 
 
 class DecodeServicer(pb_grpc.DecodeServiceServicer):
-    def __init__(self, backend: DecodeBackend, health: Callable[[], pb.HealthReply], secret: str | None) -> None:
+    def __init__(self, backend: DecodeBackend, health: Callable[[], pb.HealthReply], secret: str | None,
+                 limits: KVLimits | None = None) -> None:
         self.backend = backend
         self.health = health
         self.secret = secret  # enforced by SecretInterceptor, which GrpcDecodeServer installs
+        self.limits = limits  # decode's layout and max length; None: only the header's own consistency
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
         return self.health()
@@ -81,7 +86,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         await context.send_initial_metadata(())  # tells the client the call was accepted: send the KV
         requests = request_iterator.__aiter__()
         try:
-            header, data, crc = await _read_handoff(requests)
+            header, data, crc = await _read_handoff(requests, self.limits)
         except HandoffError as e:
             yield _error("", str(e), 502)
             return
@@ -123,8 +128,10 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         return None
 
 
-async def _read_handoff(requests: AsyncIterator[pb.DecodeRequest]) -> \
+async def _read_handoff(requests: AsyncIterator[pb.DecodeRequest], limits: KVLimits | None) -> \
         tuple[pb.HandoffHeader | None, bytearray, int]:
+    """The header and KV bytes of one call; HandoffError for a header outside `limits` (before any KV
+    is read) or a stream that does not deliver exactly the bytes it announced."""
     data = bytearray()
     try:
         first = await requests.__anext__()
@@ -133,6 +140,7 @@ async def _read_handoff(requests: AsyncIterator[pb.DecodeRequest]) -> \
     if first.WhichOneof("kind") != "header":
         raise HandoffError("the stream must start with a handoff header")
     header = parse_header(first.header.SerializeToString())
+    check_header(header, limits)
     crc = 0
     while len(data) < header.num_kv_bytes:
         try:
@@ -145,6 +153,8 @@ async def _read_handoff(requests: AsyncIterator[pb.DecodeRequest]) -> \
         if kind != "chunk":
             raise HandoffError(f"unexpected {kind!r} message while receiving KV")
         piece = msg.chunk.data
+        if len(data) + len(piece) > header.num_kv_bytes:
+            raise HandoffError(f"received more KV bytes than the {header.num_kv_bytes} announced")
         crc = kv_checksum(piece, crc)  # checked as it arrives: no second pass over the KV
         data += piece
     if len(data) != header.num_kv_bytes:

@@ -38,5 +38,7 @@ class RedisKeys:
         return f"{self.prefix}decode-alive:{replica}"
 
     @property
-    def alive_pattern(self) -> str:
-        return f"{self.prefix}decode-alive:*"
+    def replicas(self) -> str:
+        """Set of the names of the decode replicas consuming the jobs stream; a name counts as alive
+        while its `alive` key exists (senders look replicas up here instead of scanning the keyspace)."""
+        return f"{self.prefix}jobs:replicas"

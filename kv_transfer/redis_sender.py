@@ -3,7 +3,15 @@
 One reader thread follows the token streams of every request in flight with a single blocking XREAD
 (woken through a private stream when requests are added). Decode delivery is at-least-once: a replica
 that takes over a dead one's job replays it, and DedupSink drops the tokens already delivered.
-A lost Redis connection fails every request in flight with a 503 rather than leaving it waiting.
+
+No request waits on a decode side that is gone:
+* `send` refuses at once (503) when no decode replica is alive (looked up at most every LIVENESS_TTL_S);
+* once a second the reader checks the requests it follows: a job whose pending entry has not been
+  heartbeated for `replica_lost_s` (its replica died and none took it over), any request while no
+  replica at all has been alive for `replica_lost_s`, and any request whose token stream is gone
+  (Redis restarted empty, or evicted it) fails with a 503 and its job is removed;
+* a lost Redis connection fails every request in flight with a 503; their jobs are removed once
+  Redis answers again, so decode drops them.
 """
 
 from __future__ import annotations
@@ -20,12 +28,31 @@ import redis
 from kv_transfer.base import DedupSink, EventSink, KVSender, TokenEvent
 from kv_transfer.handoff import KVHandoff
 from kv_transfer.protos import kv_handoff_pb2 as pb
-from kv_transfer.redis_keys import RedisKeys
+from kv_transfer.redis_keys import GROUP, RedisKeys
 from kv_transfer.wire import encode_handoff, event_from_proto
 
 log = logging.getLogger(__name__)
 BLOCK_MS = 1000
 MAX_JOBS = 100_000  # approximate cap on the job stream's length
+LIVENESS_TTL_S = 0.5  # a replica liveness lookup is reused this long
+CHECK_S = 1.0  # followed requests are checked for a lost replica this often
+LOST_MARGIN_S = 3.0  # default replica_lost_s = claim_idle_s + this: a takeover gets its chance first
+MAX_STALE_JOBS = 1000  # stale pending entries listed per check
+MAX_ORPHANS = 10_000  # requests failed while Redis was unreachable, removed once it answers
+
+# Counts the replicas whose alive key exists, forgetting the others; atomic with a replica's
+# heartbeat (SET alive + SADD in one MULTI), so a replica coming back is never forgotten.
+_COUNT_ALIVE = """
+local n = 0
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. name) == 1 then n = n + 1 else redis.call('SREM', KEYS[1], name) end
+end
+return n
+"""
+
+
+class NoDecodeReplicaError(RuntimeError):
+    """No decode replica is alive: the request is refused (503) instead of waiting for one."""
 
 
 def connect(url: str) -> redis.Redis:
@@ -38,31 +65,48 @@ class _Follow:
     sink: DedupSink
     last_id: str  # last stream entry read
     deadline_s: float  # time.time() after which we give up
+    job_id: str = ""  # the job's entry on the jobs stream ("" until queued)
 
 
 class RedisSender(KVSender):
     transport_name = "redis"
 
-    def __init__(self, url: str, prefix: str = "prad:", kv_ttl_s: float = 600.0, timeout_s: float = 300.0) -> None:
+    def __init__(self, url: str, prefix: str = "prad:", kv_ttl_s: float = 600.0, timeout_s: float = 300.0,
+                 claim_idle_s: float = 5.0, replica_lost_s: float | None = None) -> None:
+        """`replica_lost_s`: a followed request fails when decode has shown no life for it this long
+        (default claim_idle_s + LOST_MARGIN_S; it must exceed claim_idle_s, after which takeovers start)."""
+        self.replica_lost_s = claim_idle_s + LOST_MARGIN_S if replica_lost_s is None else replica_lost_s
+        if self.replica_lost_s <= claim_idle_s:
+            raise ValueError(f"replica_lost_s ({self.replica_lost_s}) must exceed claim_idle_s ({claim_idle_s}): "
+                             "a surviving replica takes a dead one's jobs over only after claim_idle_s")
         self.url = url
         self.keys = RedisKeys(prefix)
         self.kv_ttl_ms = int(kv_ttl_s * 1000)
         self.timeout_s = timeout_s
         self.redis = connect(url)
+        self._count_alive = self.redis.register_script(_COUNT_ALIVE)
         self.sender_id = uuid.uuid4().hex[:12]
         self._follows: dict[str, _Follow] = {}
+        self._orphans: dict[str, str] = {}  # request id -> job id, failed while Redis was unreachable
         self._lock = threading.Condition()
         self._stopping = False
+        self._is_alive = False  # last liveness lookup: some decode replica was alive
+        self._alive_checked_s = -LIVENESS_TTL_S  # time.monotonic() of that lookup
+        self._alive_seen_s = time.monotonic()  # last time a replica was seen alive
+        self._next_check_s = 0.0
         self._thread = threading.Thread(target=self._read_loop, name="redis-tokens", daemon=True)
         self._thread.start()
 
     def send(self, handoff: KVHandoff, sink: EventSink) -> None:
-        """Store the KV and queue the job; raises redis errors (the caller answers 503)."""
+        """Store the KV and queue the job; raises NoDecodeReplicaError or redis errors (the caller answers 503)."""
+        if not self._replica_alive():
+            raise NoDecodeReplicaError("no decode replica is alive on Redis")
         header, data = encode_handoff(handoff)
         rid = handoff.request_id
         deadline = handoff.deadline_s or time.time() + self.timeout_s
+        follow = _Follow(DedupSink(sink), "0", deadline)
         with self._lock:
-            self._follows[rid] = _Follow(DedupSink(sink), "0", deadline)
+            self._follows[rid] = follow
         try:
             pipe = self.redis.pipeline(transaction=True)
             # The token stream is created here, and decode only appends to an existing one
@@ -72,7 +116,7 @@ class RedisSender(KVSender):
             pipe.set(self.keys.kv(rid), data, px=self.kv_ttl_ms)
             pipe.xadd(self.keys.jobs, {"header": header}, maxlen=MAX_JOBS, approximate=True)
             pipe.xadd(self.keys.wake(self.sender_id), {"r": rid}, maxlen=10, approximate=True)
-            pipe.execute()
+            follow.job_id = pipe.execute()[3].decode()
         except redis.RedisError:
             with self._lock:
                 self._follows.pop(rid, None)
@@ -81,18 +125,13 @@ class RedisSender(KVSender):
     def abort(self, request_id: str) -> None:
         with self._lock:
             follow = self._follows.pop(request_id, None)
-        if follow is None:
-            return
-        try:
-            self.redis.publish(self.keys.aborts, request_id)
-            self.redis.delete(self.keys.tokens(request_id))
-        except redis.RedisError as e:
-            log.warning("abort of %s not published: %s", request_id, e)
+        if follow is not None:
+            self._retire(request_id, follow.job_id)
 
     def is_ready(self) -> tuple[bool, str]:
         try:
             self.redis.ping()
-            if next(iter(self.redis.scan_iter(self.keys.alive_pattern, count=100)), None) is None:
+            if not self._replica_alive():
                 return False, "no decode replica is alive on Redis"
         except redis.RedisError as e:
             return False, f"redis unreachable: {e}"
@@ -103,8 +142,35 @@ class RedisSender(KVSender):
             self._stopping = True
             self._lock.notify_all()
         self._thread.join(timeout=BLOCK_MS / 1000 + 6)
-        self.redis.delete(self.keys.wake(self.sender_id))
+        with contextlib.suppress(redis.RedisError):
+            self.redis.delete(self.keys.wake(self.sender_id))
         self.redis.close()
+
+    def _replica_alive(self) -> bool:
+        """Whether some decode replica's alive key exists (one lookup per LIVENESS_TTL_S; raises redis errors)."""
+        now = time.monotonic()
+        if now - self._alive_checked_s >= LIVENESS_TTL_S:
+            self._is_alive = int(self._count_alive(keys=[self.keys.replicas], args=[self.keys.alive("")])) > 0
+            self._alive_checked_s = now
+        if self._is_alive:
+            self._alive_seen_s = now
+        return self._is_alive
+
+    def _retire(self, request_id: str, job_id: str) -> None:
+        """Stop decode on a request we no longer follow and make sure no replica picks its job up later."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.publish(self.keys.aborts, request_id)
+            pipe.delete(self.keys.tokens(request_id), self.keys.kv(request_id))
+            if job_id:
+                pipe.xack(self.keys.jobs, GROUP, job_id)
+                pipe.xdel(self.keys.jobs, job_id)
+            pipe.execute()
+        except redis.RedisError as e:
+            log.warning("abort of %s not published: %s", request_id, e)
+            with self._lock:
+                if len(self._orphans) < MAX_ORPHANS:
+                    self._orphans[request_id] = job_id
 
     # --- the reader thread ------------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -118,6 +184,7 @@ class RedisSender(KVSender):
             streams[wake_key] = wake_id
             try:
                 replies = self.redis.xread(streams, block=BLOCK_MS, count=64)
+                self._retire_orphans()
             except redis.RedisError as e:
                 self._fail_all(f"redis connection lost: {e}")
                 time.sleep(0.5)
@@ -129,6 +196,7 @@ class RedisSender(KVSender):
                     continue
                 self._deliver(key.removeprefix(self.keys.tokens("")), entries)
             self._expire()
+            self._check_follows()
 
     def _deliver(self, request_id: str, entries: list) -> None:
         with self._lock:
@@ -151,19 +219,80 @@ class RedisSender(KVSender):
         with contextlib.suppress(redis.RedisError):  # else the stream's TTL removes it
             self.redis.delete(self.keys.tokens(request_id))
 
+    def _give_up(self, request_ids: list[str], message: str, status: int) -> None:
+        """End these requests with an error event and retire their jobs."""
+        for rid in request_ids:
+            with self._lock:
+                follow = self._follows.pop(rid, None)
+            if follow is not None:
+                follow.sink(TokenEvent(rid, [], "", finish_reason="error", error=message, error_status=status))
+                self._retire(rid, follow.job_id)
+
     def _expire(self) -> None:
         now = time.time()
         with self._lock:
             late = [r for r, f in self._follows.items() if now > f.deadline_s + 5.0]
-        for rid in late:
-            follow = self._follows.get(rid)
-            if follow is not None:
-                follow.sink(TokenEvent(rid, [], "", finish_reason="error", error="no answer from decode in time",
-                                       error_status=504))
-            self.abort(rid)
+        self._give_up(late, "no answer from decode in time", 504)
+
+    def _check_follows(self) -> None:
+        """Fail the requests decode has shown no life for in replica_lost_s, and those whose token stream
+        is gone (checked once per CHECK_S, a few commands for all requests together)."""
+        now = time.monotonic()
+        if now < self._next_check_s:
+            return
+        self._next_check_s = now + CHECK_S
+        with self._lock:
+            jobs = [(rid, f.job_id) for rid, f in self._follows.items() if f.job_id]  # queued ones
+        if not jobs:
+            return
+        try:
+            if not self._replica_alive() and now - self._alive_seen_s > self.replica_lost_s:
+                lost = [rid for rid, _ in jobs]  # nobody to take the jobs: not yet read ones included
+            else:
+                stale = set(self._stale_job_ids())
+                lost = [rid for rid, job_id in jobs if job_id in stale]
+            gone = [rid for rid in self._missing_streams([rid for rid, _ in jobs]) if rid not in lost]
+        except redis.RedisError as e:
+            log.warning("check of requests in flight failed: %s", e)
+            return
+        if lost or gone:
+            log.warning("%d request(s) lost their decode replica, %d their token stream", len(lost), len(gone))
+        self._give_up(lost, f"decode replica lost and none took over within {self.replica_lost_s:g} s", 503)
+        self._give_up(gone, "token stream lost (Redis restarted or evicted it)", 503)
+
+    def _missing_streams(self, request_ids: list[str]) -> list[str]:
+        """The requests whose token stream does not exist (one EXISTS for all; per key only on a miss)."""
+        keys = [self.keys.tokens(rid) for rid in request_ids]
+        if self.redis.exists(*keys) == len(keys):
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(key)
+        return [rid for rid, n in zip(request_ids, pipe.execute(), strict=True) if not n]
+
+    def _stale_job_ids(self) -> list[str]:
+        """Jobs claimed by a replica that has not heartbeated them for replica_lost_s (replicas re-claim
+        their jobs every second and take over those idle past claim_idle_s, so these are orphaned)."""
+        try:
+            pending = self.redis.xpending_range(self.keys.jobs, GROUP, "-", "+", MAX_STALE_JOBS,
+                                                idle=int(self.replica_lost_s * 1000))
+        except redis.ResponseError as e:  # no group yet: nothing is pending
+            if "NOGROUP" in str(e):
+                return []
+            raise
+        return [p["message_id"].decode() for p in pending]
+
+    def _retire_orphans(self) -> None:
+        """Retire the jobs of requests failed while Redis was unreachable (it answers again)."""
+        with self._lock:
+            orphans, self._orphans = self._orphans, {}
+        for rid, job_id in orphans.items():
+            self._retire(rid, job_id)
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
             follows, self._follows = self._follows, {}
+            for rid, follow in list(follows.items())[:MAX_ORPHANS - len(self._orphans)]:
+                self._orphans[rid] = follow.job_id
         for rid, follow in follows.items():
             follow.sink(TokenEvent(rid, [], "", finish_reason="error", error=message, error_status=503))

@@ -5,6 +5,13 @@ its jobs in flight (XCLAIM resets their idle time) and its liveness key; jobs id
 `claim_idle_s` belong to a dead replica and are taken over with XAUTOCLAIM, then replayed from the
 KV still in Redis (at-least-once; the prefill side drops repeated tokens). A job's KV, its stream
 entry and its pending entry are removed when it finishes; TTLs are the backstop.
+
+Work nobody reads is dropped: a request whose token stream is gone (its prefill side gave up, or Redis
+restarted empty) is aborted when a publish to it finds no stream, and by a check of every request in
+flight once per heartbeat. A request whose events could not be published is given back: aborted
+here and left pending, so a replica replays it from its KV if the prefill side still follows it.
+A header is checked against decode's limits, and the KV blob's size (STRLEN) against the header,
+before the blob is fetched.
 """
 
 from __future__ import annotations
@@ -21,23 +28,27 @@ from kv_transfer.base import DecodeBackend, TokenEvent
 from kv_transfer.handoff import HandoffError
 from kv_transfer.redis_keys import GROUP, RedisKeys
 from kv_transfer.redis_sender import connect
-from kv_transfer.wire import event_to_proto, handoff_from_proto, parse_header
+from kv_transfer.wire import KVLimits, check_header, event_to_proto, handoff_from_proto, parse_header
 from prad.errors import QueueFullError
 
 log = logging.getLogger(__name__)
 BLOCK_MS = 500
 HEARTBEAT_S = 1.0
+ALIVE_TTL_S = max(3, int(3 * HEARTBEAT_S))  # a replica's alive key outlives a few missed beats
+MAX_TAKEOVER = 64  # abandoned jobs taken over per heartbeat
 
 
 class RedisDecodeWorker:
-    def __init__(self, backend: DecodeBackend, url: str, prefix: str, replica: str, claim_idle_s: float = 5.0) -> None:
+    def __init__(self, backend: DecodeBackend, url: str, prefix: str, replica: str, claim_idle_s: float = 5.0,
+                 limits: KVLimits | None = None) -> None:
         self.backend = backend
         self.keys = RedisKeys(prefix)
         self.replica = replica
         self.claim_idle_ms = int(claim_idle_s * 1000)
+        self.limits = limits  # decode's layout and max length; None: only the header's own consistency
         self.redis = connect(url)
         self._in_flight: dict[str, bytes] = {}  # request id -> job entry id
-        self._aborted: set[str] = set()  # aborted by their client: nobody reads their events
+        self._aborted: set[str] = set()  # nobody reads their events (client aborted, stream gone, given back)
         self._lock = threading.Lock()
         self._outbox: queue.Queue[tuple[str, TokenEvent] | None] = queue.Queue()
         self._stopping = threading.Event()
@@ -62,6 +73,7 @@ class RedisDecodeWorker:
             t.join(timeout=5)
         with contextlib.suppress(redis.RedisError):
             self.redis.delete(self.keys.alive(self.replica))
+            self.redis.srem(self.keys.replicas, self.replica)
 
     def readiness(self) -> dict[str, str]:
         try:
@@ -123,14 +135,19 @@ class RedisDecodeWorker:
                 self._start_job(entry_id, fields)
 
     def _heartbeat(self) -> None:
-        self.redis.set(self.keys.alive(self.replica), "1", ex=max(3, int(3 * HEARTBEAT_S)))
+        pipe = self.redis.pipeline(transaction=True)  # atomic, see redis_sender's liveness count
+        pipe.set(self.keys.alive(self.replica), "1", ex=ALIVE_TTL_S)
+        pipe.sadd(self.keys.replicas, self.replica)
+        pipe.execute()
+        self._drop_unread()
         with self._lock:
             mine = list(self._in_flight.values())
-        if mine:  # keep our jobs from looking abandoned
+        if mine:  # keep our jobs from looking abandoned (XCLAIM resets their idle time)
             self.redis.xclaim(self.keys.jobs, GROUP, self.replica, 0, mine, justid=True)
         if self._draining.is_set():
             return
-        reply = self.redis.xautoclaim(self.keys.jobs, GROUP, self.replica, self.claim_idle_ms, "0-0", count=16)
+        reply = self.redis.xautoclaim(self.keys.jobs, GROUP, self.replica, self.claim_idle_ms, "0-0",
+                                      count=MAX_TAKEOVER)
         claimed = reply[1]  # Redis 6.2 answers [next, entries]; 7.x adds the deleted ids
         for entry_id, fields in claimed:
             if fields:  # deleted entries come back empty
@@ -149,9 +166,13 @@ class RedisDecodeWorker:
             if rid in self._in_flight:
                 return
             self._in_flight[rid] = entry_id
-        data = self.redis.get(self.keys.kv(rid))
+        try:
+            check_header(header, self.limits)  # before the KV blob is fetched
+        except HandoffError as e:
+            self._refuse(rid, f"decode refused the KV handoff: {e}", 502)
+            return
+        data = self._fetch_kv(rid, entry_id, header.num_kv_bytes)
         if data is None:
-            self._refuse(rid, "KV for this request expired or was already consumed", 502)
             return
         try:
             self.backend.submit(handoff_from_proto(header, data), lambda ev: self._outbox.put((rid, ev)))
@@ -161,6 +182,64 @@ class RedisDecodeWorker:
             self._refuse(rid, f"server busy: {e}; retry later", 429)
         except ValueError as e:
             self._refuse(rid, str(e), 400)
+        else:
+            with self._lock:
+                is_unread = rid in self._aborted
+            if is_unread:  # aborted while it was being admitted
+                self.backend.abort(rid)
+
+    def _fetch_kv(self, rid: str, entry_id: bytes, num_kv_bytes: int) -> bytes | None:
+        """The job's KV blob once its size matches the header; None when refused or nobody follows the request."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(self.keys.tokens(rid))
+        pipe.strlen(self.keys.kv(rid))
+        has_stream, num_bytes = pipe.execute()
+        if not has_stream:  # the prefill side gave up on it: no work for nobody
+            log.info("dropping job of %s: nobody follows it any more", rid)
+            with self._lock:
+                self._in_flight.pop(rid, None)
+            self._finish_job(entry_id, rid)
+            return None
+        if num_bytes not in (0, num_kv_bytes):
+            self._refuse(rid, f"decode refused the KV handoff: KV blob has {num_bytes} bytes, header announced "
+                         f"{num_kv_bytes}", 502)
+            return None
+        data = self.redis.get(self.keys.kv(rid)) if num_bytes else None
+        if data is None:
+            self._refuse(rid, "KV for this request expired or was already consumed", 502)
+        return data
+
+    def _drop_unread(self) -> None:
+        """Abort the requests in flight whose token stream is gone (one pipelined EXISTS each)."""
+        with self._lock:
+            rids = [rid for rid in self._in_flight if rid not in self._aborted]
+        if not rids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in rids:
+            pipe.exists(self.keys.tokens(rid))
+        for rid, has_stream in zip(rids, pipe.execute(), strict=True):
+            if not has_stream:
+                self._drop(rid, "its token stream is gone")
+
+    def _drop(self, rid: str, why: str) -> None:
+        """Abort a request nobody reads; its job is removed with its final event."""
+        with self._lock:
+            if rid not in self._in_flight or rid in self._aborted:
+                return
+            self._aborted.add(rid)
+        log.info("aborting %s: %s", rid, why)
+        self.backend.abort(rid)
+
+    def _give_back(self, rids: set[str]) -> None:
+        """Abort requests whose events were lost, leaving their jobs pending: a replica takes them over
+        after claim_idle_s and replays them, or drops them if nobody follows them any more."""
+        for rid in rids:
+            with self._lock:
+                if self._in_flight.pop(rid, None) is None:
+                    continue
+                self._aborted.add(rid)
+            self.backend.abort(rid)
 
     def _refuse(self, rid: str, message: str, status: int) -> None:
         self._outbox.put((rid, TokenEvent(rid, [], "", finish_reason="error", error=message, error_status=status)))
@@ -185,28 +264,36 @@ class RedisDecodeWorker:
                 batch.append(nxt)
             try:
                 self._publish(batch)
-            except redis.RedisError as e:  # the prefill side fails these requests on its own
-                log.warning("could not publish %d events: %s", len(batch), e)
+            except redis.RedisError as e:
+                log.warning("could not publish %d events, giving their requests back: %s", len(batch), e)
+                self._give_back({rid for rid, event in batch if not event.is_final})
 
     def _publish(self, batch: list[tuple[str, TokenEvent]]) -> None:
         # One MULTI/EXEC: a request's final event and the removal of its job and KV happen together,
         # so a replica dying in between can never leave a finished job to be replayed.
         pipe = self.redis.pipeline(transaction=True)
+        sent: list[tuple[int, str]] = []  # (index in the pipeline, request id) of the non-final events
         for rid, event in batch:
             if event.is_final:
                 with self._lock:
                     entry_id = self._in_flight.pop(rid, None)
                 if entry_id is not None:
                     self._queue_cleanup(pipe, entry_id, rid)
-            if rid in self._aborted:  # nobody reads these events any more
-                if event.is_final:
+            with self._lock:
+                is_unread = rid in self._aborted
+                if is_unread and event.is_final:
                     self._aborted.discard(rid)
+            if is_unread:  # nobody reads these events any more
                 continue
-            key = self.keys.tokens(rid)
+            if not event.is_final:
+                sent.append((len(pipe), rid))
             # NOMKSTREAM: a stream the prefill side already closed stays closed.
-            pipe.xadd(key, {"event": event_to_proto(event, event.first_token_index).SerializeToString()},
-                      nomkstream=True)
-        pipe.execute()
+            pipe.xadd(self.keys.tokens(rid), {"event": event_to_proto(event, event.first_token_index)
+                                              .SerializeToString()}, nomkstream=True)
+        results = pipe.execute()
+        for index, rid in sent:
+            if results[index] is None:  # no such stream: nobody reads this request
+                self._drop(rid, "its token stream is gone")
 
     def _queue_cleanup(self, pipe: redis.client.Pipeline, entry_id: bytes, rid: str | None) -> None:
         pipe.xack(self.keys.jobs, GROUP, entry_id)
@@ -224,9 +311,6 @@ class RedisDecodeWorker:
                     msg = pubsub.get_message(timeout=0.5)
                     if msg and msg.get("type") == "message":
                         rid = msg["data"].decode()
-                        with self._lock:
-                            if rid in self._in_flight:
-                                self._aborted.add(rid)
-                        self.backend.abort(rid)
+                        self._drop(rid, "aborted by its client")
             except redis.RedisError:
                 time.sleep(0.5)

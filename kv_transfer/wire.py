@@ -3,9 +3,16 @@
 Format version 2 (version 1 used zlib's crc32, about 10x slower than hardware CRC-32C). The receiver
 checks the version, decodes the header, verifies the CRC-32C (Castagnoli) of the KV bytes against
 the header's, then rebuilds the tensor with the dtype and shape the header declares.
+
+Every decoder here treats its input as hostile: random, truncated or corrupted bytes raise
+HandoffError and nothing else, and an announced size is checked against the layout (and, on the
+decode side, against decode's own limits) before any KV byte is read or allocated.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import google_crc32c
 import torch
@@ -20,6 +27,52 @@ CHUNK_BYTES = 4 << 20  # KV travels in 4 MiB chunks (gRPC messages are capped at
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # numpy has no bfloat16: move bf16 bytes as int16 and view them back.
 _CARRIER = {torch.bfloat16: torch.int16}
+_LAYOUT_DIMS = ("num_layers", "num_kv_heads", "head_dim")
+
+
+@dataclass(frozen=True)
+class KVLimits:
+    """The KV a decode service can take, checked against a header before its KV is read."""
+
+    layout: KVLayout  # decode's model: num_layers, num_kv_heads and head_dim must match (length ignored)
+    max_length: int  # most prompt tokens (KV positions) per request: decode's max_seq_len
+
+
+def layout_from_proto(header: pb.HandoffHeader) -> KVLayout:
+    lay = header.layout
+    return KVLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype, lay.length)
+
+
+def kv_num_bytes(layout: KVLayout) -> int:
+    """Bytes of KV the layout describes (plain integer arithmetic: absurd layouts cannot overflow)."""
+    dtype = _DTYPES.get(layout.dtype)
+    if dtype is None:
+        raise HandoffError(f"KV dtype {layout.dtype!r} not supported (one of {sorted(_DTYPES)})")
+    return math.prod(layout.shape) * torch.empty(0, dtype=dtype).element_size()
+
+
+def check_header(header: pb.HandoffHeader, limits: KVLimits | None = None) -> KVLayout:
+    """The header's KV layout, once it is consistent (and within `limits`); HandoffError otherwise.
+
+    The dtype may differ from decode's (decode casts the KV on admission); its element size is at
+    most 4 bytes, so the size stays bounded by decode's layout and max length either way.
+    """
+    layout = layout_from_proto(header)
+    if limits is not None:
+        for name in _LAYOUT_DIMS:
+            if getattr(layout, name) != getattr(limits.layout, name):
+                raise HandoffError(f"KV layout mismatch: {name}={getattr(layout, name)}, decode expects "
+                                   f"{getattr(limits.layout, name)}")
+        if layout.length > limits.max_length:
+            raise HandoffError(f"KV covers {layout.length} tokens, decode max_seq_len is {limits.max_length}")
+    if layout.length == 0 or layout.length != len(header.prompt_token_ids):
+        raise HandoffError(f"KV layout length {layout.length} does not match the {len(header.prompt_token_ids)} "
+                           f"prompt tokens")
+    expected = kv_num_bytes(layout)
+    if header.num_kv_bytes != expected:
+        raise HandoffError(f"header announces {header.num_kv_bytes} KV bytes, layout {list(layout.shape)} "
+                           f"{layout.dtype} needs {expected}")
+    return layout
 
 
 def kv_to_bytes(kv: torch.Tensor) -> bytes:
@@ -31,13 +84,13 @@ def kv_to_bytes(kv: torch.Tensor) -> bytes:
 
 
 def kv_from_bytes(data: bytes | bytearray | memoryview, layout: KVLayout) -> torch.Tensor:
-    dtype = _DTYPES.get(layout.dtype)
-    if dtype is None:
-        raise HandoffError(f"KV dtype {layout.dtype!r} not supported")
-    expected = int(torch.Size(layout.shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+    expected = kv_num_bytes(layout)
     if len(data) != expected:
         raise HandoffError(f"KV payload has {len(data)} bytes, layout {list(layout.shape)} {layout.dtype} "
                            f"needs {expected}")
+    if expected == 0:
+        raise HandoffError(f"KV layout {list(layout.shape)} is empty")
+    dtype = _DTYPES[layout.dtype]
     carrier = _CARRIER.get(dtype, dtype)
     writable = data if isinstance(data, bytearray) else bytearray(data)  # the tensor owns its bytes
     tensor = torch.frombuffer(writable, dtype=carrier)
@@ -87,10 +140,11 @@ def parse_header(raw: bytes) -> pb.HandoffHeader:
 
 
 def handoff_from_proto(header: pb.HandoffHeader, kv_bytes: bytes | bytearray, crc: int | None = None) -> KVHandoff:
-    """Verify the KV bytes' checksum (`crc`: already computed while receiving) and rebuild the handoff."""
+    """Check the layout, size and checksum (`crc`: already computed while receiving); rebuild the handoff."""
+    layout = check_header(header)
+    if len(kv_bytes) != header.num_kv_bytes:
+        raise HandoffError(f"received {len(kv_bytes)} KV bytes, header announced {header.num_kv_bytes}")
     verify_checksum(header, kv_checksum(bytes(kv_bytes)) if crc is None else crc)
-    lay = header.layout
-    layout = KVLayout(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype, lay.length)
     s = header.sampling
     sampling = SamplingParams(s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.seed, tuple(s.stop), s.ignore_eos)
     return KVHandoff(header.request_id, header.task, header.adapter_version, header.model_fingerprint,

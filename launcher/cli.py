@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from launcher.train_cli import add_training_commands
 
 # Must be set before torch loads: spinning OpenMP threads collapse when a core is busy.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+log = logging.getLogger("prad.cli")
 
 
 def _set_threads(threads: int | None) -> None:
@@ -38,9 +41,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  if k in ServeSettings.model_fields and v is not None}
     settings = ServeSettings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
+    _warn_secrets_on_command_line(args)
     _set_threads(settings.threads)
     serve(settings)
     return 0
+
+
+def _warn_secrets_on_command_line(args: argparse.Namespace) -> None:
+    """A secret given as a flag is visible to every user of the machine (`ps`, /proc/<pid>/cmdline)."""
+    from launcher.settings import SECRETS
+
+    for name in SECRETS:
+        if getattr(args, name, None) is not None:
+            flag = name.replace("_", "-")
+            log.warning("--%s given on the command line, where other users can read it (ps); use --%s-file "
+                        "or PRAD_%s instead", flag, flag, name.upper())
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -141,15 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-host", default=None, help="decode: gRPC bind address")
     serve.add_argument("--grpc-port", type=int, default=None, help="decode: gRPC port")
     serve.add_argument("--decode-addr", default=None, help="prefill: decode gRPC address host:port")
-    serve.add_argument("--grpc-secret", default=None, help="shared secret header (or PRAD_GRPC_SECRET)")
+    serve.add_argument("--grpc-secret", default=None, help="shared secret header (or PRAD_GRPC_SECRET); "
+                       "visible in ps: prefer --grpc-secret-file")
+    serve.add_argument("--grpc-secret-file", type=Path, default=None, help="file holding the gRPC secret")
     for flag in ("grpc-tls-cert", "grpc-tls-key", "grpc-tls-ca"):
         serve.add_argument(f"--{flag}", default=None)
     serve.add_argument("--redis-url", default=None, help="redis://[:password@]host:port/db or rediss://")
     serve.add_argument("--redis-prefix", default=None)
     serve.add_argument("--kv-ttl-s", type=float, default=None)
     serve.add_argument("--claim-idle-s", type=float, default=None)
+    serve.add_argument("--replica-lost-s", type=float, default=None)
     serve.add_argument("--replica-name", default=None)
-    serve.add_argument("--admin-token", default=None, help="enables /admin (or PRAD_ADMIN_TOKEN)")
+    serve.add_argument("--admin-token", default=None, help="enables /admin (or PRAD_ADMIN_TOKEN); "
+                       "visible in ps: prefer --admin-token-file")
+    serve.add_argument("--admin-token-file", type=Path, default=None, help="file holding the admin token")
     serve.add_argument("--store", type=Path, default=None, help="versioned adapter store folder")
     serve.add_argument("--store-redis-url", default=None, help="Redis index for a store shared by prefill nodes")
     serve.add_argument("--max-adapter-bytes", type=int, default=None)
@@ -159,7 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an engine stalled this long with work waiting fails /healthz")
     serve.add_argument("--exit-when-unhealthy-s", type=float, default=None,
                        help="exit after /healthz failed this long (Docker/systemd restart on exit)")
-    serve.add_argument("--api-key", default=None, help="bearer token required on /v1/* (or PRAD_API_KEY)")
+    serve.add_argument("--api-key", default=None, help="bearer token required on /generate, /tasks, /v1/* "
+                       "(or PRAD_API_KEY); visible in ps: prefer --api-key-file")
+    serve.add_argument("--api-key-file", type=Path, default=None, help="file holding the API key")
+    serve.add_argument("--http-header-timeout-s", type=float, default=None,
+                       help="close connections whose request headers are not complete within this")
+    serve.add_argument("--http-body-timeout-s", type=float, default=None,
+                       help="refuse (408) request bodies not complete this long after their headers")
+    serve.add_argument("--http-keep-alive-s", type=float, default=None, help="idle keep-alive timeout")
     serve.add_argument("--log-format", default=None, choices=["text", "json"])
     serve.add_argument("--log-level", default=None)
     serve.set_defaults(func=cmd_serve)

@@ -29,6 +29,7 @@ from kv_transfer.base import KVSender
 from kv_transfer.grpc_server import DecodeServicer, GrpcDecodeServer, TLSFiles
 from kv_transfer.inproc import InprocSender
 from kv_transfer.protos import kv_handoff_pb2 as pb
+from kv_transfer.wire import KVLimits
 from launcher.settings import ServeSettings
 from launcher.watchdog import Watchdog
 from prad.engine_loop import EngineLoop
@@ -122,7 +123,8 @@ def _receiver(settings: ServeSettings, engine: DecodeEngine, loaded: LoadedModel
             return pb.HealthReply(model_fingerprint=loaded.fingerprint, num_running=stats["num_running"],
                                   num_waiting=stats["num_waiting"])
 
-        server = GrpcDecodeServer(DecodeServicer(engine, health, settings.grpc_secret), settings.grpc_host,
+        limits = KVLimits(engine.expected_layout, engine.config.max_seq_len)
+        server = GrpcDecodeServer(DecodeServicer(engine, health, settings.grpc_secret, limits), settings.grpc_host,
                                   settings.grpc_port, _tls(settings, "server"))
         life.starts.append(server.start)
         # shutdown drains: new calls refused at once, streams in flight finish within the drain timeout
@@ -131,7 +133,7 @@ def _receiver(settings: ServeSettings, engine: DecodeEngine, loaded: LoadedModel
         from kv_transfer.redis_worker import RedisDecodeWorker
 
         worker = RedisDecodeWorker(engine, settings.redis_url, settings.redis_prefix, replica_name(settings),
-                                   settings.claim_idle_s)
+                                   settings.claim_idle_s, KVLimits(engine.expected_layout, engine.config.max_seq_len))
         life.starts.append(worker.start)
         # stops run last-added first: take no new jobs, let running ones finish, then stop publishing
         life.stops.append(worker.stop)
@@ -158,7 +160,8 @@ def make_sender(settings: ServeSettings) -> KVSender:
     if settings.transport == "redis":
         from kv_transfer.redis_sender import RedisSender
 
-        return RedisSender(settings.redis_url, settings.redis_prefix, settings.kv_ttl_s, settings.request_timeout_s)
+        return RedisSender(settings.redis_url, settings.redis_prefix, settings.kv_ttl_s, settings.request_timeout_s,
+                           settings.claim_idle_s, settings.replica_lost_s)
     raise ValueError(f"role {settings.role!r} needs --transport grpc or redis (inproc links only role=all)")
 
 

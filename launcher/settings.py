@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SECRETS = ("grpc_secret", "admin_token", "api_key")  # each may come from a file: <name>_file
 
 
 class ServeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PRAD_", extra="forbid")
+    # hide_input_in_errors: a validation error must not print the secrets it was given
+    model_config = SettingsConfigDict(env_prefix="PRAD_", extra="forbid", hide_input_in_errors=True)
 
     role: Literal["all", "prefill", "decode"] = "all"
     transport: Literal["inproc", "grpc", "redis"] = "inproc"
@@ -18,6 +21,7 @@ class ServeSettings(BaseSettings):
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="decode role: gRPC port")
     decode_addr: str = Field(default="127.0.0.1:50051", description="prefill role: the decode gRPC address")
     grpc_secret: str | None = Field(default=None, description="shared secret sent as x-prad-secret")
+    grpc_secret_file: Path | None = Field(default=None, description="file holding grpc_secret (stripped)")
     grpc_tls_cert: str | None = None
     grpc_tls_key: str | None = None
     grpc_tls_ca: str | None = None
@@ -25,6 +29,8 @@ class ServeSettings(BaseSettings):
     redis_prefix: str = Field(default="prad:", description="key prefix shared by one deployment")
     kv_ttl_s: float = Field(default=600.0, gt=0, description="Redis: KV blobs expire after this")
     claim_idle_s: float = Field(default=5.0, gt=0, description="Redis: jobs idle this long are taken over")
+    replica_lost_s: float | None = Field(default=None, gt=0, description="Redis: a request fails (503) when no "
+                                         "decode replica shows life for it this long (default claim_idle_s + 3)")
     replica_name: str | None = Field(default=None, description="Redis consumer name (default host-pid)")
     model: str | None = Field(default=None, description="local HF model dir; default: SmolLM2-135M-Instruct")
     adapters: Path | None = Field(default=None, description="folder of task adapters (one sub-folder per task)")
@@ -50,12 +56,38 @@ class ServeSettings(BaseSettings):
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
     api_key: str | None = Field(default=None, description="bearer token required on /generate, /tasks, /v1/*")
+    api_key_file: Path | None = Field(default=None, description="file holding api_key (stripped)")
     admin_token: str | None = Field(default=None, description="bearer token for /admin; unset: no admin routes")
+    admin_token_file: Path | None = Field(default=None, description="file holding admin_token (stripped)")
+    http_header_timeout_s: float = Field(default=10.0, gt=0, description="a connection that has not sent a "
+                                         "request's complete headers this long after it opened or the request "
+                                         "began is closed (408): slow clients cannot hold connections")
+    http_body_timeout_s: float = Field(default=60.0, gt=0, description="a request body not complete this long "
+                                       "after its headers is refused (408)")
+    http_keep_alive_s: float = Field(default=5.0, gt=0, description="idle keep-alive connections close after this")
     store: Path | None = Field(default=None, description="versioned adapter store folder (default: a temp dir)")
     store_redis_url: str | None = Field(default=None, description="Redis index for a store shared by many nodes")
     max_adapter_bytes: int = Field(default=256 << 20, ge=1024, description="upload limit for adapter weights")
     adapter_poll_s: float = Field(default=1.0, gt=0, description="fallback poll of the store for changes")
     max_task_labels: int = Field(default=100, ge=1, description="per-task metric labels before 'other'")
+
+    @model_validator(mode="after")
+    def _secrets_from_files(self) -> ServeSettings:
+        """<secret>_file: the file's content (stripped) becomes the secret; giving both is an error."""
+        for name in SECRETS:
+            path: Path | None = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is given both as a value and as a file ({path}): give one")
+            try:
+                secret = path.read_text().strip()
+            except OSError as e:
+                raise ValueError(f"cannot read {name}_file {path}: {e}") from e
+            if not secret:
+                raise ValueError(f"{name}_file {path} is empty")
+            setattr(self, name, secret)
+        return self
 
     @property
     def kv_budget(self) -> int:

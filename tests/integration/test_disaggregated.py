@@ -103,24 +103,21 @@ def test_redis_same_tokens_and_replica_killed_mid_stream(inproc_tokens, adapters
         prefill.start()
         assert [r["token_ids"] for r in _run_all(prefill.url, REQUESTS)] == inproc_tokens
 
-        # Long streams spread over both replicas; kill one after the first tokens arrive.
+        # Long streams spread over both replicas; kill one while it decodes some of them, once every
+        # stream has its first tokens.
         bodies = [{"task": ("base", "t1", "t2", "t4")[i % 4], "prompt": f"Story {i}: once upon a time",
                    "max_new_tokens": 40, "ignore_eos": True} for i in range(6)]
         expected = [r["token_ids"] for r in _run_all(prefill.url, bodies)]
 
-        def stream(body: dict) -> tuple[list[int], str | None]:
-            tokens, reason = [], None
-            with httpx.stream("POST", prefill.url + "/generate", json={**body, "stream": True}, timeout=180) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        event = json.loads(line[6:])
-                        tokens += event["token_ids"]
-                        reason = event.get("finish_reason") or reason
-            return tokens, reason
-
+        first_tokens: list[list[float]] = [[] for _ in bodies]
         with ThreadPoolExecutor(len(bodies)) as pool:
-            futures = [pool.submit(stream, b) for b in bodies]
-            time.sleep(4.0)
+            futures = [pool.submit(_stream_tokens, prefill.url, b, f) for b, f in zip(bodies, first_tokens,
+                                                                                        strict=True)]
+            deadline = time.time() + 90
+            while not (all(first_tokens) and _num_running(decodes[0]) > 0) and time.time() < deadline:
+                time.sleep(0.02)
+            assert all(first_tokens), "every stream must have tokens before the kill"
+            assert _num_running(decodes[0]) > 0, "the killed replica must hold streams"
             decodes[0].kill()
             results = [f.result(timeout=240) for f in futures]
         for (tokens, reason), want in zip(results, expected, strict=True):
@@ -159,6 +156,10 @@ def test_redis_restart_fails_in_flight_cleanly_and_recovers(adapters_dir: Path, 
         prefill.wait("/readyz", 60)
         ok = httpx.post(prefill.url + "/generate", json={**body, "max_new_tokens": 4}, timeout=120)
         assert ok.status_code == 200, ok.text
+
+
+def _num_running(decode: ServeProcess) -> int:
+    return int(httpx.get(decode.url + "/readyz", timeout=10).json()["num_running"])
 
 
 def _stream_tokens(url: str, body: dict, first_token: list[float]) -> tuple[list[int], str | None]:

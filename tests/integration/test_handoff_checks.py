@@ -16,6 +16,7 @@ from kv_transfer.grpc_client import GrpcSender
 from kv_transfer.grpc_server import DecodeServicer, GrpcDecodeServer, TLSFiles
 from kv_transfer.handoff import KVHandoff, KVLayout
 from kv_transfer.protos import kv_handoff_pb2 as pb
+from kv_transfer.wire import KVLimits
 from prad.sampling import SamplingParams
 from prefill_service.runner import ChunkInput, PrefillRunner
 from tests.redis_fixture import running_redis
@@ -157,6 +158,7 @@ def test_redis_corrupted_and_foreign_refused_and_nothing_left(engine: DecodeEngi
         worker.start()
         sender = RedisSender(rs.url, "t:")
         try:
+            assert _wait_ready(sender)  # the replica's first heartbeat: until then requests are refused
             assert _collect(sender.send, _handoff(smollm2, "r-ok"))[-1].finish_reason == "length"
             foreign = replace(_handoff(smollm2, "r-fp"), model_fingerprint="other")
             final = _collect(sender.send, foreign)[-1]
@@ -191,3 +193,100 @@ def test_wire_roundtrip_fp32_and_bf16() -> None:
         assert torch.equal(back.kv, kv) and back.kv.dtype == dtype
         assert back.sampling == h.sampling and back.prompt_token_ids == h.prompt_token_ids
         assert back.deadline_s == 123.0 and back.first_token_id == 9
+
+
+def _limits(engine: DecodeEngine) -> KVLimits:
+    return KVLimits(engine.expected_layout, engine.config.max_seq_len)
+
+
+def _oversized(smollm2, request_id: str, length: int = 200) -> KVHandoff:
+    """A well-formed handoff whose prompt is longer than the test engine's max_seq_len (128)."""
+    c = smollm2.config
+    layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, "float32", length)
+    return KVHandoff(request_id, "base", "base", smollm2.fingerprint, [1] * length, 2, SamplingParams(4), None,
+                     layout, torch.zeros(layout.shape))
+
+
+def test_grpc_header_over_decode_limits_refused_before_any_kv_is_read(engine: DecodeEngine, smollm2) -> None:
+    import asyncio
+
+    import grpc
+
+    from kv_transfer.protos import kv_handoff_pb2_grpc as pb_grpc
+    from kv_transfer.wire import encode_handoff
+
+    server = GrpcDecodeServer(DecodeServicer(engine, lambda: pb.HealthReply(), None, _limits(engine)), "127.0.0.1", 0)
+    server.start()
+    sender = GrpcSender(f"127.0.0.1:{server.port}", timeout_s=20)
+    try:
+        final = _collect(sender.send, _oversized(smollm2, "long-1"))[-1]
+        assert final.error_status == 502 and "max_seq_len is 128" in (final.error or ""), final
+
+        async def announce_only(header: pb.HandoffHeader) -> pb.TokenEvent:
+            # The header alone, never a KV chunk: the refusal must come without waiting for any.
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                call = pb_grpc.DecodeServiceStub(channel).Decode(timeout=10)
+                await call.write(pb.DecodeRequest(header=header))
+                return await call.read()
+
+        header = pb.HandoffHeader.FromString(encode_handoff(_handoff(smollm2, "huge-1"))[0])
+        header.num_kv_bytes = 1 << 40
+        reply = asyncio.run(announce_only(header))
+        assert reply.error_status == 502 and "announces 1099511627776 KV bytes" in reply.error
+        header.layout.num_layers = 10_000
+        reply = asyncio.run(announce_only(header))
+        assert reply.error_status == 502 and "num_layers=10000" in reply.error
+        assert engine.stats()["num_running"] == 0 and engine.stats()["num_waiting"] == 0
+    finally:
+        sender.close()
+        server.stop()
+
+
+def test_grpc_message_size_stays_bounded() -> None:
+    from kv_transfer.grpc_server import CHANNEL_OPTIONS
+    from kv_transfer.wire import CHUNK_BYTES
+
+    options = dict(CHANNEL_OPTIONS)
+    assert CHUNK_BYTES < options["grpc.max_receive_message_length"] <= 16 << 20
+    assert options["grpc.max_send_message_length"] <= 16 << 20
+
+
+def test_redis_header_over_limits_or_blob_size_mismatch_refused_before_get(engine: DecodeEngine, smollm2, tmp_path,
+                                                                            monkeypatch) -> None:
+    import redis
+
+    import kv_transfer.redis_sender as rsender
+    from kv_transfer.redis_sender import RedisSender
+    from kv_transfer.redis_worker import RedisDecodeWorker
+    from kv_transfer.wire import encode_handoff
+
+    with running_redis(tmp_path / "redis") as rs:
+        worker = RedisDecodeWorker(engine, rs.url, "t:", "replica-l", claim_idle_s=2, limits=_limits(engine))
+        worker.start()
+        sender = RedisSender(rs.url, "t:")
+        client = redis.Redis.from_url(rs.url)
+        try:
+            assert _wait_ready(sender)
+            final = _collect(sender.send, _oversized(smollm2, "r-long"))[-1]
+            assert final.error_status == 502 and "max_seq_len is 128" in (final.error or ""), final
+
+            def padded(handoff: KVHandoff) -> tuple[bytes, bytes]:
+                header, data = encode_handoff(handoff)
+                return header, data + b"\0" * 4096
+
+            monkeypatch.setattr(rsender, "encode_handoff", padded)
+            final = _collect(sender.send, _handoff(smollm2, "r-pad"))[-1]
+            assert final.error_status == 502 and "KV blob has" in (final.error or ""), final
+            assert "cmdstat_get" not in client.info("commandstats")  # neither blob was fetched
+        finally:
+            sender.close()
+            worker.stop()
+
+
+def _wait_ready(sender, timeout_s: float = 10.0) -> bool:
+    deadline = time.time() + timeout_s
+    while not sender.is_ready()[0]:
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
