@@ -104,3 +104,7 @@ class DecodeBackend(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:
         """At least num_running, num_waiting and max_waiting (receivers pace themselves with it)."""
+
+    def liveness(self) -> str | None:
+        """None while the backend works; otherwise why not (receivers then take no new work)."""
+        return None

@@ -22,7 +22,7 @@ from kv_transfer.handoff import HandoffError
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.protos import kv_handoff_pb2_grpc as pb_grpc
 from kv_transfer.wire import KVLimits, check_header, event_to_proto, handoff_from_proto, kv_checksum, parse_header
-from prad.errors import QueueFullError
+from prad.errors import EngineUnavailableError, QueueFullError
 
 log = logging.getLogger(__name__)
 SECRET_HEADER = "x-prad-secret"
@@ -123,6 +123,8 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             return _error(header.request_id, f"decode refused the KV handoff: {e}", 502)
         except QueueFullError as e:
             return _error(header.request_id, f"server busy: {e}; retry later", 429)
+        except EngineUnavailableError as e:
+            return _error(header.request_id, f"decode engine unavailable: {e}", 503)
         except ValueError as e:
             return _error(header.request_id, str(e), 400)
         return None

@@ -29,7 +29,7 @@ from kv_transfer.handoff import HandoffError
 from kv_transfer.redis_keys import GROUP, RedisKeys
 from kv_transfer.redis_sender import connect
 from kv_transfer.wire import KVLimits, check_header, event_to_proto, handoff_from_proto, parse_header
-from prad.errors import QueueFullError
+from prad.errors import EngineUnavailableError, QueueFullError
 
 log = logging.getLogger(__name__)
 BLOCK_MS = 500
@@ -120,7 +120,9 @@ class RedisDecodeWorker:
                 raise
 
     def _room(self) -> int:
-        """Jobs to take now: only as many as the decode queue can hold."""
+        """Jobs to take now: only as many as the decode queue can hold (none while the engine is unwell)."""
+        if self.backend.liveness() is not None:
+            return 0
         stats = self.backend.stats()
         return max(0, min(16, stats["max_waiting"] - stats["num_waiting"]))
 
@@ -135,6 +137,10 @@ class RedisDecodeWorker:
                 self._start_job(entry_id, fields)
 
     def _heartbeat(self) -> None:
+        if self.backend.liveness() is not None:
+            # A dead or stalled engine: stop looking alive, so senders refuse at once and another
+            # replica takes over what this one holds.
+            return
         pipe = self.redis.pipeline(transaction=True)  # atomic, see redis_sender's liveness count
         pipe.set(self.keys.alive(self.replica), "1", ex=ALIVE_TTL_S)
         pipe.sadd(self.keys.replicas, self.replica)
@@ -180,6 +186,8 @@ class RedisDecodeWorker:
             self._refuse(rid, f"decode refused the KV handoff: {e}", 502)
         except QueueFullError as e:
             self._refuse(rid, f"server busy: {e}; retry later", 429)
+        except EngineUnavailableError as e:
+            self._refuse(rid, f"decode engine unavailable: {e}", 503)
         except ValueError as e:
             self._refuse(rid, str(e), 400)
         else:

@@ -290,3 +290,30 @@ def _wait_ready(sender, timeout_s: float = 10.0) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def test_redis_replica_with_an_unwell_engine_stops_looking_alive(engine: DecodeEngine, smollm2, tmp_path,
+                                                                  monkeypatch) -> None:
+    """A decode replica whose engine died or stalled takes no jobs and lets its alive key expire, so
+    senders refuse at once (503) rather than queue work nobody will do."""
+    from kv_transfer.redis_sender import NoDecodeReplicaError, RedisSender
+    from kv_transfer.redis_worker import RedisDecodeWorker
+
+    with running_redis(tmp_path / "redis") as rs:
+        worker = RedisDecodeWorker(engine, rs.url, "u:", "replica-u", claim_idle_s=2)
+        worker.start()
+        sender = RedisSender(rs.url, "u:")
+        try:
+            assert _wait_ready(sender)
+            monkeypatch.setattr(engine, "liveness", lambda: "decode-engine stopped: injected")
+            deadline = time.monotonic() + 15
+            while sender.is_ready()[0] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert sender.is_ready() == (False, "no decode replica is alive on Redis")
+            with pytest.raises(NoDecodeReplicaError):
+                sender.send(_handoff(smollm2, "r-dead"), lambda event: None)
+            monkeypatch.undo()
+            assert _wait_ready(sender)  # healthy again: it beats again
+        finally:
+            sender.close()
+            worker.stop()
