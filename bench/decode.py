@@ -18,13 +18,15 @@ What is measured, per dtype (`--dtypes`) and batch size B (`--batches`):
   recorded). Base and tasks swap their two runners every round (`--repeats` is even by default), so
   a difference between the two caches themselves falls on both alike. On a shared VM the
   speed drifts by tens of per cent within seconds, which whole back-to-back runs did not cancel.
-* (c) forward: the base KV stepped through the generic token-major `Model.forward` (what the
-  decode service ran before prad/decode_step.py); step/forward is the paired speed-up of the
-  feature-major decode step over it.
-* (d) torch-ops: the base KV through the same decode step on PyTorch ops only: attention through
-  RoPE + `KVCache.update` + SDPA, and the residual add + RMSNorm and SiLU * up as separate ops,
-  instead of the native kernels (prad/kernels); native/torch is the kernels' paired speed-up of the
-  whole step (1.0 where they are not available: `machine` records whether they were).
+* (c) forward: the base KV stepped through the reference step (`ReferenceStep`: the generic
+  token-major `Model.forward`, what the decode service runs on a GPU); step/forward is the paired
+  speed-up of the runner's decode step (on a CPU, the feature-major `CpuStepBackend`) over it.
+* (d) torch-ops: the base KV through the CPU backend on PyTorch ops only
+  (`CpuStepBackend(model, native_kernels=False)`): attention through RoPE + `KVCache.update` + SDPA,
+  and the residual add + RMSNorm and SiLU * up as separate ops, instead of the native kernels
+  (prad/kernels); native/torch is the kernels' paired speed-up of the whole step (1.0 where they are
+  not available, and on a GPU, where this condition runs the runner's own step: `machine` records
+  whether they were).
 * A plain `torch.matmul` FLOP rate, same dtype: [`--ref-rows` (64), d] x [d, intermediate]
   (576 x 1536 on SmolLM2), plus [B, d] x [d, intermediate] per batch size for context; each the
   fastest of three layouts (right operand contiguous; right operand the transposed `[out, in]`
@@ -87,11 +89,14 @@ from decode_service.runner import DecodeRunner
 from prad import kernels
 from prad.adapters import Adapter
 from prad.config import ModelConfig
+from prad.cpu_decode import CpuStepBackend
+from prad.decode_step import ReferenceStep, StepBackend
 from prad.loading import LoadedModel
+from prad.model import Model
 from prefill_service.runner import ChunkInput, ChunkOutput, PrefillRunner
 
-# "forward": the base KV again, stepped through the generic token-major `Model.forward` instead of
-# the decode step (prad/decode_step.py), so the two implementations are compared in the same run.
+# "forward" and "torch-ops": the base KV again, stepped through the reference step and through the
+# CPU backend without native kernels, so the implementations are compared in the same run.
 CONDITIONS = ("base", "tasks", "forward", "torch-ops")
 REF_SAMPLE_SECONDS = 0.02  # one paired matmul-reference sample per timed step
 FLOP_COUNT = ("per step: 2*B*(linear weight count: qkv, o, gate|up, down of every layer + lm_head) "
@@ -105,8 +110,7 @@ class DecodeState:
 
     runner: DecodeRunner
     first_tokens: list[int]  # per row: the token sampled (greedily) from the prefill logits
-    generic: bool = False  # step through `Model.forward` (forward_step) instead of runner.decode
-    native_kernels: bool = True  # False: the decode step on PyTorch ops only
+    backend: StepBackend | None = None  # None: runner.decode; else this step on the runner's cache
 
 
 @dataclass
@@ -213,34 +217,40 @@ def load_state(runner: DecodeRunner, kv: PromptKV) -> DecodeState:
 
 
 def states_for_round(runners: tuple[DecodeRunner, DecodeRunner], kvs: dict[str, PromptKV],
-                     round_index: int) -> dict[str, DecodeState]:
+                     round_index: int, backends: dict[str, StepBackend | None]) -> dict[str, DecodeState]:
     """The four conditions' states for one round. Base and tasks swap runners every round, so that a
     difference between the two caches themselves (their addresses; two caches of the same base KV
     once read 1-4 % apart, in a test whose step order was not yet balanced) falls on both alike.
-    "forward" and "torch-ops" share base's runner and KV."""
+    "forward" and "torch-ops" share base's runner and KV, each through its step in `backends`."""
     base_runner, tasks_runner = runners if round_index % 2 == 0 else runners[::-1]
     base = load_state(base_runner, kvs["base"])
     return {"base": base, "tasks": load_state(tasks_runner, kvs["tasks"]),
-            "forward": replace(base, generic=True), "torch-ops": replace(base, native_kernels=False)}
+            "forward": replace(base, backend=backends["forward"]),
+            "torch-ops": replace(base, backend=backends["torch-ops"])}
 
 
-def forward_step(runner: DecodeRunner, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-    """What `runner.decode` computes, through the generic token-major `Model.forward`."""
+def comparison_backends(model: Model) -> dict[str, StepBackend | None]:
+    """The steps of the "forward" and "torch-ops" conditions: the reference step, and the CPU backend
+    without native kernels (on other devices None: the runner's own step)."""
+    torch_ops = CpuStepBackend(model, native_kernels=False) if model.device.type == "cpu" else None
+    return {"forward": ReferenceStep(model), "torch-ops": torch_ops}
+
+
+def backend_step(runner: DecodeRunner, backend: StepBackend, token_ids: list[int],
+                 positions: list[int]) -> torch.Tensor:
+    """What `runner.decode` computes, through `backend` instead of the runner's own."""
     device = runner.model.device
-    ids = torch.tensor(token_ids, device=device)[:, None]
-    with torch.inference_mode():
-        return runner.model.forward(ids, torch.tensor(positions, device=device)[:, None],
-                                    runner.cache.rows(len(token_ids)),
-                                    logit_index=torch.zeros(len(token_ids), dtype=torch.long, device=device))
+    return backend.step(torch.tensor(token_ids, device=device), torch.tensor(positions, device=device),
+                        runner.cache.rows(len(token_ids)))
 
 
 def decode_step_once(state: DecodeState, tokens: list[int], position: int) -> list[int]:
     """One greedy decode step for rows [0, len(tokens)), every row at `position`; the next tokens."""
     positions = [position] * len(tokens)
-    if state.generic:
-        logits = forward_step(state.runner, tokens, positions)
+    if state.backend is None:
+        logits = state.runner.decode(tokens, positions)
     else:
-        logits = state.runner.decode(tokens, positions, native_kernels=state.native_kernels)
+        logits = backend_step(state.runner, state.backend, tokens, positions)
     return logits.argmax(dim=-1).tolist()
 
 
@@ -384,7 +394,8 @@ def time_decode(loaded: LoadedModel, kvs: dict[str, PromptKV], args: argparse.Na
     steps interleaved (`interleaved_steps`), base and tasks on swapped runners (`states_for_round`)."""
     rows, capacity = max(args.batches), args.context + max(args.steps, args.warmup)
     runners = (new_runner(loaded, rows, capacity), new_runner(loaded, rows, capacity))
-    for states in (states_for_round(runners, kvs, 0), states_for_round(runners, kvs, 1)):
+    backends = comparison_backends(loaded.model)
+    for states in (states_for_round(runners, kvs, 0, backends), states_for_round(runners, kvs, 1, backends)):
         for batch in args.batches:
             for cond in CONDITIONS:
                 decode_steps(states[cond], batch, args.context, args.warmup)
@@ -393,7 +404,7 @@ def time_decode(loaded: LoadedModel, kvs: dict[str, PromptKV], args: argparse.Na
     dtype = loaded.model.dtype
     with tqdm(total=args.repeats * len(args.batches), desc=f"decode {dtype}", unit="batch") as bar:
         for rep in range(args.repeats):
-            states = states_for_round(runners, kvs, rep)
+            states = states_for_round(runners, kvs, rep, backends)
             reference = measure_references(runs, loaded.config, dtype, args)
             for batch in args.batches:
                 synchronize()

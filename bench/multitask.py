@@ -20,7 +20,7 @@ rank `--rank` 16 as in the paper's Table 4, LoRA on q and v with alpha 16). Arms
   task's requests form one batch, tasks run one after another, and the adapter applies to every
   token: prompt and every decode step. Our engine code without the server: Model.forward + KVCache
   + RowAdapters (mask all ones) for one prefill of the task's batch, then G - 1 steps of the decode
-  service's own decode step (prad/decode_step.py) with the same hooks.
+  service's own decode step (the runner's step backend, prad/decode_step.py) with the same hooks.
 * lora-mixed: conventional LoRA with all R requests in one batch and per-row adapters at every
   decode step (the Punica / S-LoRA approach), same engine code. Each batch's adapter bank is gathered
   once per layer and reused by every step (as Punica's resident weights are), see `freeze_banks`.
@@ -113,12 +113,13 @@ from bench.common import (
     synchronize,
     time_call,
 )
+from decode_service.runner import choose_step_backend
 from launcher.local import free_port
 from launcher.roles import build_app
 from launcher.settings import ServeSettings
 from prad.adapters import Adapter, AdapterConfig, RowAdapters, save_adapter
 from prad.adapters.io import init_tensors
-from prad.decode_step import decode_step
+from prad.cpu_decode import CpuStepBackend, step_with_hooks
 from prad.kv_cache import KVCache
 from prad.loading import LoadedModel
 from prad.model import Model
@@ -367,6 +368,23 @@ def hooks_for(model: Model, adapters: list[Adapter] | None, num_tokens: int) -> 
     return freeze_banks(RowAdapters(model.config, list(adapters), mask))
 
 
+def service_step(model: Model, hooks: RowAdapters | None) -> Callable[[torch.Tensor, torch.Tensor, KVCache],
+                                                                     torch.Tensor]:
+    """The decode service's own step for `model` (the backend its runner picks): (token_ids [B],
+    positions [B], kv) -> logits [B, V], with `hooks` (if any) applied at every step."""
+    backend = choose_step_backend(model)
+    if hooks is None:
+        return backend.step
+    if isinstance(backend, CpuStepBackend):
+        return lambda ids, positions, kv: step_with_hooks(backend, ids, positions, kv, hooks)
+
+    @torch.inference_mode()
+    def reference_with_hooks(ids: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        return model.forward(ids[:, None], positions[:, None], kv, hooks, logit_index=torch.zeros_like(ids))
+
+    return reference_with_hooks
+
+
 def engine_generate(model: Model, prompt_ids: list[list[int]], adapters: list[Adapter] | None,
                     gen: int) -> tuple[float, float, list[list[int]]]:
     """Greedy: one prefill forward, then gen - 1 decode steps, adapters (if any) on every token.
@@ -385,9 +403,9 @@ def engine_generate(model: Model, prompt_ids: list[list[int]], adapters: list[Ad
     out = [tokens]
     synchronize()
     prefilled = time.perf_counter()
-    hooks = hooks_for(model, adapters, 1)
-    for step in range(gen - 1):  # the decode service's own step, with the adapters (if any) hooked in
-        logits = decode_step(model, tokens, torch.full((rows,), length + step, device=device), kv, hooks)
+    decode_step = service_step(model, hooks_for(model, adapters, 1))  # adapters (if any) hooked in
+    for step in range(gen - 1):
+        logits = decode_step(tokens, torch.full((rows,), length + step, device=device), kv)
         tokens = logits.argmax(dim=-1)
         out.append(tokens)
     generated = torch.stack(out, dim=1).tolist()  # waits for the GPU, if any
@@ -702,7 +720,8 @@ def _prefill_s(model: Model, ids: torch.Tensor, kv: KVCache) -> float:
 def _step_s(model: Model, token_ids: torch.Tensor, context: int, kv: KVCache) -> float:
     """Median seconds of 3 decode steps of token_ids [rows] at position `context`."""
     positions = torch.full_like(token_ids, context)
-    return median([time_call(lambda: decode_step(model, token_ids, positions, kv)) for _ in range(3)])
+    decode_step = service_step(model, None)
+    return median([time_call(lambda: decode_step(token_ids, positions, kv)) for _ in range(3)])
 
 
 @torch.inference_mode()

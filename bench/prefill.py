@@ -32,6 +32,7 @@ import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from bench.common import (
@@ -49,9 +50,10 @@ from bench.common import (
     setup_threads,
     time_call,
 )
-from prad.adapters import Adapter
+from prad.adapters import Adapter, RowAdapters
 from prad.adapters.hooks import STRATEGIES
 from prad.loading import LoadedModel
+from prad.model import Model
 from prefill_service.runner import ChunkInput, PrefillRunner
 
 MIXED_VARIANTS = ("prad-pa", "prad-sa", "prad-lora")
@@ -141,6 +143,18 @@ def build_conditions(loaded: LoadedModel, args: argparse.Namespace) -> list[Cond
     return conditions
 
 
+class StrategyPrefillRunner(PrefillRunner):
+    """The serving PrefillRunner with its per-row adapters applied by `strategy`
+    (prad/adapters/hooks.py) instead of RowAdapters' default."""
+
+    def __init__(self, model: Model, strategy: str) -> None:
+        super().__init__(model)
+        self.strategy = strategy
+
+    def row_adapters(self, adapters: list[Adapter | None], prompt_mask: torch.Tensor) -> RowAdapters:
+        return RowAdapters(self.model.config, adapters, prompt_mask, self.strategy)
+
+
 def prefill_batch(runner: PrefillRunner, prompts: list[list[int]], adapters: list[Adapter | None],
                   groups: list[range]) -> None:
     """Prefill every prompt from position 0, one `run` call per group of rows."""
@@ -183,7 +197,7 @@ def measure_dtype(dtype: str, args: argparse.Namespace) -> list[ConditionResult]
     prompts = random_prompts(args.prompts, args.prompt_len, loaded.config.vocab_size, args.seed)
     groups = split_by_budget(prompts, args.max_prefill_tokens)
     conditions = build_conditions(loaded, args)
-    runners = {strategy: PrefillRunner(loaded.model, strategy) for strategy in STRATEGIES}
+    runners = {strategy: StrategyPrefillRunner(loaded.model, strategy) for strategy in STRATEGIES}
     runs = time_conditions(runners, prompts, conditions, groups, args, dtype)
     return summarise(conditions, runs, dtype, sum(len(p) for p in prompts), len(groups))
 

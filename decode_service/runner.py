@@ -8,13 +8,23 @@ longest running request rather than the model's whole context.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from prad import kernels
-from prad.decode_step import decode_step
+from prad.cpu_decode import CpuStepBackend
+from prad.decode_step import ReferenceStep, StepBackend
 from prad.model import Model
 
+log = logging.getLogger(__name__)
+
 CAPACITY_STEP = 256
+
+
+def choose_step_backend(model: Model) -> StepBackend:
+    """The CPU backend for a model on the CPU (it builds the native kernels now, once per machine,
+    rather than in the first request), the reference step on any other device."""
+    return CpuStepBackend(model) if model.device.type == "cpu" else ReferenceStep(model)
 
 
 class DecodeRunner:
@@ -23,8 +33,8 @@ class DecodeRunner:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.cache = model.new_kv_cache(max_batch_size, 0)
-        if model.device.type == "cpu":
-            kernels.library()  # built (once per machine, ~20 s) at start-up rather than in the first request
+        self.backend = choose_step_backend(model)
+        log.info("decode step: %s", self.backend)
 
     @property
     def num_kv_bytes(self) -> int:
@@ -49,12 +59,9 @@ class DecodeRunner:
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move_row(src, dst, length)
 
-    @torch.inference_mode()
-    def decode(self, token_ids: list[int], positions: list[int], native_kernels: bool = True) -> torch.Tensor:
-        """One step for rows [0, B): feed each row's newest token at its position; logits [B, V].
-        `native_kernels=False` runs the step on PyTorch ops only (for benchmarks)."""
+    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """One step for rows [0, B): feed each row's newest token at its position; logits [B, V]."""
         device = self.model.device
         ids = torch.tensor(token_ids, device=device)  # [B]
         pos = torch.tensor(positions, device=device)  # [B]
-        return decode_step(self.model, ids, pos, self.cache.rows(len(token_ids)),
-                           native_kernels=native_kernels)
+        return self.backend.step(ids, pos, self.cache.rows(len(token_ids)))

@@ -25,9 +25,8 @@ class ChunkOutput:
 
 
 class PrefillRunner:
-    def __init__(self, model: Model, adapter_strategy: str = "gather") -> None:
+    def __init__(self, model: Model) -> None:
         self.model = model
-        self.adapter_strategy = adapter_strategy  # see prad.adapters.hooks
 
     @torch.inference_mode()
     def run(self, chunks: list[ChunkInput]) -> list[ChunkOutput]:
@@ -48,9 +47,12 @@ class PrefillRunner:
             if c.past_kv is not None:
                 kv.insert(i, c.past_kv)
         adapters = [c.adapter for c in chunks]
-        hooks = None if all(a is None for a in adapters) else RowAdapters(
-            self.model.config, adapters, prompt_mask.to(device), self.adapter_strategy)
+        hooks = None if all(a is None for a in adapters) else self.row_adapters(adapters, prompt_mask.to(device))
         logits = self.model.forward(ids.to(device), positions.to(device), kv, hooks,
                                     logit_index=torch.tensor(lengths, device=device) - 1)
         return [ChunkOutput(kv.extract(i, c.start + lengths[i]), logits[i])  # extract copies
                 for i, c in enumerate(chunks)]
+
+    def row_adapters(self, adapters: list[Adapter | None], prompt_mask: torch.Tensor) -> RowAdapters:
+        """The batch's per-row adapter hooks; prompt_mask [B, T] is 1 on each row's prompt tokens."""
+        return RowAdapters(self.model.config, adapters, prompt_mask)

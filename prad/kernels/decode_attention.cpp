@@ -21,9 +21,8 @@ using namespace prad;
 
 constexpr int KEY_BLOCK = 128;
 // Keys (and values) prefetched ahead of the one in use: each work item streams two arrays of a few
-// KB to tens of KB, too short for the hardware prefetchers to reach full speed on their own. 16
-// beat 8 and 32 (bf16, batch 64, 137 keys); with the prefetch of each item's first keys below the
-// kernel ran x1.39 (bf16) / x1.31 (fp32) faster than without on the 2-core AMD EPYC (Zen 5) VM.
+// KB to tens of KB, too short for the hardware prefetchers to reach full speed on their own; each
+// item's first keys are prefetched when it starts (the distance was tuned; docs/design.md).
 constexpr int PREFETCH_KEYS = 16;
 
 template <typename T, int D>

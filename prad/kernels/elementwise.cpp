@@ -3,7 +3,8 @@
 // is one pass over the data instead of the 6-8 small PyTorch ops it replaces. Roundings follow the
 // PyTorch path op by op (prad/model.py rms_norm, F.silu(gate) * up): every intermediate that
 // PyTorch stores in the activation dtype is rounded to it here too; only the order of the sum of
-// squares differs. Single-threaded: the decode step runs element-wise work on one thread.
+// squares differs. Single-threaded: one pass over a step's activations is too little work to
+// share between threads.
 #include "simd.h"
 
 namespace {

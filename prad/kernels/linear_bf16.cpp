@@ -10,9 +10,7 @@
 // is prefetched while this one computes, since every weight is read once per step, from DRAM.
 //
 // Accumulation is in fp32; the result is rounded to bf16 once, as oneDNN's bf16 GEMM does (only the
-// order of the sums differs). On the 2-core AMD EPYC (Zen 4) VM of session 8, a whole SmolLM2 step's
-// projections ran x1.4 faster than torch.mm (oneDNN) on the same weights at 64 columns and x2.2 at
-// 16 (paired runs, on pool.h's threads).
+// order of the sums differs). docs/design.md compares it with torch.mm (oneDNN).
 //
 // Built with the other kernels (-O3 -march=native); row blocks are spread over pool.h's threads,
 // claimed BLOCKS_PER_CHUNK at a time. Without AVX512-BF16 the entry points
@@ -35,7 +33,7 @@ constexpr int ROWS = 6;        // weight rows per tile of 64 (or 48) columns: 24
 constexpr int NARROW_ROWS = 12;  // ... of at most 32 columns (batches of up to 32), 12-24 accumulators
 constexpr int COL_VECS = 4;    // 16-column vectors per tile (64 columns)
 constexpr int BLOCKS_PER_CHUNK = 4;  // row blocks a thread claims at a time (prad/kernels/pool.h)
-constexpr int PREFETCH_TILES = 1;  // weight blocks ahead (1 and 2 ran alike; 0 was ~7 % slower)
+constexpr int PREFETCH_TILES = 1;  // weight blocks prefetched ahead of the one in use
 
 // x [K, N] (row stride ldx) -> xp [(K + 1) / 2, N] pairs, an odd K's last pair padded with zero.
 void pack_pairs(const uint16_t *x, int64_t k, int64_t n, int64_t ldx, uint32_t *xp) {

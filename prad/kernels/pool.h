@@ -2,14 +2,14 @@
 // dynamically, the calling thread working too.
 //
 // Why not OpenMP: with OMP_WAIT_POLICY=PASSIVE (which the server needs: spinning OpenMP threads
-// collapse when a core is busy) every parallel region wakes a sleeping thread, and on the 2-core VMs
-// a wake-up took 10-110 us (session 8, Zen 4: a one-tile projection on 2 threads 45-112 us, on one
-// 3 us). A decode step opens ~150 regions (5 per layer), 10-25 % of a batch-64 bf16 step. These
-// workers spin for SPIN_US after each job, so the next region of the same step finds them awake,
-// and then sleep; and since chunks are claimed one at a time, a worker that wakes late (or is
-// descheduled) only means the others take more chunks: no one waits for it but for the chunk it
-// holds; a job offered to a worker that has not taken it when the caller runs out of chunks is
-// withdrawn. One job runs at a time: a second caller meanwhile runs its job alone on its own thread.
+// collapse when a core is busy) every parallel region wakes a sleeping thread, and a wake-up can
+// cost more than a small region's work; a decode step opens ~5 regions per layer (docs/design.md
+// has the measurements). These workers spin for SPIN_US after each job, so the next region of the
+// same step finds them awake, and then sleep; and since chunks are claimed one at a time, a worker
+// that wakes late (or is descheduled) only means the others take more chunks: no one waits for it
+// but for the chunk it holds; a job offered to a worker that has not taken it when the caller runs
+// out of chunks is withdrawn. One job runs at a time: a second caller meanwhile runs its job alone
+// on its own thread.
 // After fork() the child starts a fresh pool (the parent's workers do not exist there; its offers
 // to them would only be withdrawn).
 #pragma once

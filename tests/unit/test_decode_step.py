@@ -1,4 +1,4 @@
-"""The feature-major decode step computes what `Model.forward` computes for one token per row."""
+"""The CPU backend's feature-major decode step computes what `Model.forward` computes for one token per row."""
 
 from __future__ import annotations
 
@@ -10,23 +10,31 @@ import torch
 from prad import kernels
 from prad.adapters import RowAdapters
 from prad.config import model_config_from_hf
-from prad.decode_step import LM_HEAD_CHUNK_ROWS, decode_step, padded_columns
+from prad.cpu_decode import CpuStepBackend, step_with_hooks
+from prad.cpu_decode.ops import LM_HEAD_CHUNK_ROWS
+from prad.cpu_decode.step import padded_columns
 from prad.kv_cache import KVCache
 from prad.model import Model
 from prad.weights import read_tensors, weights_from_tensors
 from tests.helpers import random_adapter, tiny_hf_model
 
 
-@pytest.fixture(autouse=True, params=["native", "torch"])
-def attention_path(request, monkeypatch) -> str:
-    """Every test runs twice: attention (and, on CPUs with AVX512-BF16, the bf16 projections) through
-    the native kernels (prad/kernels) and through PyTorch."""
-    if request.param == "torch":
-        monkeypatch.setattr(kernels, "supports", lambda *args: False)
-        monkeypatch.setattr(kernels, "supports_linear", lambda *args: False)
-    elif kernels.library() is None:
-        pytest.skip("the native decode attention could not be built here (no C++ compiler?)")
+@pytest.fixture(params=["native", "torch"])
+def ops_path(request) -> str:
+    """Every test runs twice: with the native kernels (prad/kernels) where they apply, and on
+    PyTorch ops only."""
+    if request.param == "native" and kernels.library() is None:
+        pytest.skip("the native kernels could not be built here (no C++ compiler?)")
     return request.param
+
+
+@pytest.fixture
+def decode_step(ops_path: str):
+    """decode_step(model, token_ids, positions, kv) -> logits: the CPU backend's step."""
+    def step(model: Model, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        return CpuStepBackend(model, native_kernels=ops_path == "native").step(token_ids, positions, kv)
+
+    return step
 
 
 def _model(family: str, tmp_path, vocab_size: int) -> Model:
@@ -48,7 +56,7 @@ def _prefilled(model: Model, lengths: list[int], capacity: int) -> KVCache:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_decode_step_matches_forward_over_rows_of_different_lengths(family: str, tmp_path) -> None:
+def test_decode_step_matches_forward_over_rows_of_different_lengths(family: str, decode_step, tmp_path) -> None:
     # a vocabulary over one LM-head slice, so the sliced LM head is exercised too
     model = _model(family, tmp_path, vocab_size=LM_HEAD_CHUNK_ROWS + 300)
     lengths = [5, 11, 1, 8]
@@ -65,14 +73,14 @@ def test_decode_step_matches_forward_over_rows_of_different_lengths(family: str,
         ids, positions = ref.argmax(-1), positions + 1
 
 
-def test_decode_step_refuses_a_position_past_the_cache(tmp_path) -> None:
+def test_decode_step_refuses_a_position_past_the_cache(decode_step, tmp_path) -> None:
     model = _model("llama", tmp_path, vocab_size=128)
     kv = model.new_kv_cache(2, 8)
     with pytest.raises(ValueError, match="position 8 exceeds KV capacity 8"):
         decode_step(model, torch.tensor([3, 4]), torch.tensor([2, 8]), kv)
 
 
-def test_decode_step_with_conventional_adapters_matches_forward(tmp_path) -> None:
+def test_decode_step_with_conventional_adapters_matches_forward(ops_path: str, tmp_path) -> None:
     """The benchmarks' LoRA/PA-at-every-step arms decode through the same step, hooks included."""
     model = _model("llama", tmp_path, vocab_size=128)
     fp = "test-fingerprint"
@@ -85,20 +93,21 @@ def test_decode_step_with_conventional_adapters_matches_forward(tmp_path) -> Non
     our_kv = KVCache(ref_kv.k.clone(), ref_kv.v.clone())
     ids, positions = torch.tensor([5, 17, 99, 3]), torch.tensor(lengths)
     ref = model.forward(ids[:, None], positions[:, None], ref_kv, hooks, logit_index=torch.zeros_like(ids))
-    got = decode_step(model, ids, positions, our_kv, hooks)
-    base = decode_step(model, ids, positions, KVCache(ref_kv.k.clone(), ref_kv.v.clone()))
+    backend = CpuStepBackend(model, native_kernels=ops_path == "native")
+    got = step_with_hooks(backend, ids, positions, our_kv, hooks)
+    base = backend.step(ids, positions, KVCache(ref_kv.k.clone(), ref_kv.v.clone()))
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     assert torch.allclose(our_kv.k, ref_kv.k, atol=1e-6)
     assert (got - base)[[0, 1, 3]].abs().amax(dim=-1).min() > 1e-3  # the adapters did change those rows
 
 
 @pytest.mark.parametrize("batch", [1, 17])
-def test_decode_step_padding_never_changes_a_row(batch: int, tmp_path) -> None:
+def test_decode_step_padding_never_changes_a_row(batch: int, decode_step, tmp_path) -> None:
     """CPU steps pad B to a multiple of 16 columns (B = 1 only for the native bf16 projections); each
     row equals itself alone."""
     model = _model("llama", tmp_path, vocab_size=128)
-    assert padded_columns(batch, torch.device("cpu")) == (1 if batch == 1 else 32)
-    assert padded_columns(batch, torch.device("cpu"), native_linear=True) == (16 if batch == 1 else 32)
+    assert padded_columns(batch) == (1 if batch == 1 else 32)
+    assert padded_columns(batch, pads_one_row=True) == (16 if batch == 1 else 32)
     lengths = [3 + (r * 5) % 11 for r in range(batch)]
     kv = _prefilled(model, lengths, capacity=32)
     alone_kv = KVCache(kv.k.clone(), kv.v.clone())
@@ -111,11 +120,11 @@ def test_decode_step_padding_never_changes_a_row(batch: int, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 17, 40])
-def test_bf16_native_step_gives_each_row_what_it_gets_alone(batch: int, attention_path: str, tmp_path) -> None:
+def test_bf16_native_step_gives_each_row_what_it_gets_alone(batch: int, ops_path: str, decode_step, tmp_path) -> None:
     """With the native bf16 projections every output is one fixed-order sum per row and column, and
     attention and the element-wise kernels work per row too: a bf16 row's logits are bit-identical
     whatever else is in the batch (PyTorch's bf16 GEMMs promise no such thing; docs/design.md)."""
-    if attention_path == "torch" or not kernels.supports_linear(torch.bfloat16, torch.device("cpu")):
+    if ops_path == "torch" or not kernels.supports_linear(torch.bfloat16, torch.device("cpu")):
         pytest.skip("needs the native bf16 projections (AVX512-BF16)")
     fp32 = _model("llama", tmp_path, vocab_size=LM_HEAD_CHUNK_ROWS + 300)
     model = Model(fp32.config, fp32.weights.to(torch.device("cpu"), torch.bfloat16))
@@ -131,7 +140,7 @@ def test_bf16_native_step_gives_each_row_what_it_gets_alone(batch: int, attentio
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_bf16_decode_step_matches_fp32_forward_up_to_rounding(family: str, tmp_path) -> None:
+def test_bf16_decode_step_matches_fp32_forward_up_to_rounding(family: str, decode_step, tmp_path) -> None:
     """bf16 takes its own LM-head path (one token-major GEMM); the logits must equal fp32's up to bf16
     rounding: measured 0.3 % of the logits' range on this tiny model, bound 1 %. (The paths bf16 and
     fp32 share, attention included, are pinned to `Model.forward` at 1e-5 by the fp32 tests.)"""
