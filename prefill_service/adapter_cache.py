@@ -7,6 +7,7 @@ Adapter object from admission to handoff, so eviction or a version change never 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 
 from adapters_store.base import AdapterStore, UnknownTaskError
 from prad.adapters import Adapter, AdapterError
-from prad.adapters.config import PRAD_VARIANTS
-from prad.adapters.io import parse_adapter
+from prad.adapters.config import PRAD_VARIANTS, AdapterConfig
+from prad.adapters.io import content_version, parse_adapter
 from prad.model import Model
 
 
@@ -25,6 +26,16 @@ class CacheStats:
     misses: int = 0
     loads: int = 0
     evictions: int = 0
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What a listing shows of a task's active adapter."""
+
+    version: str  # content version of the active adapter
+    variant: str | None = None
+    rank: int | None = None
+    error: str | None = None  # why it cannot be served, when known
 
 
 class AdapterCache:
@@ -40,6 +51,7 @@ class AdapterCache:
         self.stats = CacheStats()
         self.on_event = on_event or (lambda event, task: None)
         self._entries: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
+        self._infos: dict[str, tuple[str, AdapterInfo]] = {}  # task -> (stamp, info), for describe()
         self._lock = threading.Lock()
 
     def tasks(self) -> list[str]:
@@ -57,7 +69,12 @@ class AdapterCache:
                 return adapter
             self.stats.misses += 1
         self.on_event("miss", task)
-        adapter = self._load(task)
+        try:
+            adapter = self._load(task)
+        except (AdapterError, OSError) as e:
+            self._remember(task, key[1], AdapterInfo(key[1], error=str(e)))
+            raise
+        self._remember(task, key[1], AdapterInfo(adapter.version, adapter.config.variant, adapter.config.rank))
         evicted = []
         with self._lock:
             self.stats.loads += 1
@@ -71,6 +88,42 @@ class AdapterCache:
         for evicted_task in evicted:
             self.on_event("eviction", evicted_task)
         return adapter
+
+    def describe(self, task: str) -> AdapterInfo:
+        """The task's active version and config, for listings: from a loaded adapter or an earlier
+        load's outcome when there is one, else from the stored config alone. Never parses weights or
+        changes the LRU order, so listing tasks cannot evict hot adapters. Reads the store (blocking
+        I/O): call it off the event loop. Raises UnknownTaskError."""
+        stamp = self.store.stamp(task)
+        with self._lock:
+            adapter = self._entries.get((task, stamp))
+            known = self._infos.get(task)
+        if adapter is not None:
+            return AdapterInfo(adapter.version, adapter.config.variant, adapter.config.rank)
+        if known is not None and known[0] == stamp:
+            return known[1]
+        info = self._read_info(task, stamp)
+        self._remember(task, stamp, info)
+        return info
+
+    def _read_info(self, task: str, stamp: str) -> AdapterInfo:
+        try:
+            stored = self.store.read(task)
+            config = AdapterConfig.from_dict(json.loads(stored.config_bytes))
+        except (AdapterError, OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return AdapterInfo(stamp, error=str(e))
+        version = stored.version or content_version(stored.config_bytes, stored.weight_bytes)
+        if config.base_model_fingerprint != self.fingerprint:
+            return AdapterInfo(version, error=f"task {task!r}: made for model fingerprint "
+                                              f"{config.base_model_fingerprint!r}, but this server runs "
+                                              f"{self.fingerprint!r}")
+        if config.variant not in PRAD_VARIANTS:
+            return AdapterInfo(version, error=f"task {task!r}: variant {config.variant!r} cannot be served")
+        return AdapterInfo(version, config.variant, config.rank)
+
+    def _remember(self, task: str, stamp: str, info: AdapterInfo) -> None:
+        with self._lock:
+            self._infos[task] = (stamp, info)
 
     def _load(self, task: str) -> Adapter:
         stored = self.store.read(task)
@@ -92,4 +145,4 @@ class AdapterCache:
         return errors
 
 
-__all__ = ["AdapterCache", "CacheStats"]
+__all__ = ["AdapterCache", "AdapterInfo", "CacheStats"]

@@ -1,7 +1,9 @@
 """Admin API under /admin: upload, list, activate, roll back and delete adapter versions.
 
 Every route needs `Authorization: Bearer <admin token>` (401 without, 403 with a wrong one; compared
-in constant time). Without a configured token the routes are not mounted at all (404), never open.
+in constant time). The front door's RequestGuard checks it before any body is read (an unauthenticated
+upload is refused unread); the route dependency checks again. Without a configured token the routes
+are not mounted at all (404), never open.
 Uploads are validated completely (format, variant, shapes, fingerprint, finite values) before they
 are stored, and storing never activates: a bad upload cannot disturb the version being served.
 """
@@ -28,8 +30,11 @@ from prad.adapters import AdapterError
 from prad.adapters.config import PRAD_VARIANTS, validate_task_id
 from prad.adapters.io import parse_adapter
 from prad.loading import LoadedModel
+from prefill_service.api_models import error_responses
 
 DEFAULT_MAX_ADAPTER_BYTES = 256 << 20
+ADMIN_ERRORS = (400, 401, 403, 404, 409, 503)
+BODY_ERRORS = (408, 413, 422)  # routes that take a body: too slow, too big, invalid
 
 
 class ActivateBody(BaseModel):
@@ -81,23 +86,40 @@ async def _call(fn, *args: Any) -> Any:
         raise HTTPException(_status_for(e), str(e).strip("'\"")) from e
 
 
-def build_admin_router(admin: AdminService, token: str) -> APIRouter:
-    def require_token(request: Request) -> None:
-        header = request.headers.get("authorization")
-        if not header:
-            raise HTTPException(401, "admin token required: Authorization: Bearer <token>",
-                                headers={"WWW-Authenticate": "Bearer"})
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(403, "wrong admin token")
+def admin_token_problem(authorization: str | None, token: str) -> tuple[int, str] | None:
+    """(401, why) without credentials, (403, why) with wrong ones, None when the token matches."""
+    if not authorization:
+        return 401, "admin token required: Authorization: Bearer <token>"
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        return 403, "wrong admin token"
+    return None
 
-    router = APIRouter(prefix="/admin", dependencies=[Depends(require_token)])
+
+class AdminRouter(APIRouter):
+    """The /admin routes, with the token they require (the app's guard checks it before the body)."""
+
+    def __init__(self, token: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.token = token
+
+
+def build_admin_router(admin: AdminService, token: str) -> AdminRouter:
+    def require_token(request: Request) -> None:
+        problem = admin_token_problem(request.headers.get("authorization"), token)
+        if problem is not None:
+            status, message = problem
+            raise HTTPException(status, message, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+
+    router = AdminRouter(token, prefix="/admin", dependencies=[Depends(require_token)],
+                         responses=error_responses(*ADMIN_ERRORS))
+    with_body = error_responses(*BODY_ERRORS)
 
     @router.get("/adapters")
     async def list_adapters() -> dict[str, Any]:
         return {"tasks": await _call(admin.listing)}
 
-    @router.post("/adapters/{task}/versions", status_code=201)
+    @router.post("/adapters/{task}/versions", status_code=201, responses=with_body)
     async def upload(task: str, config: Annotated[UploadFile, File()], weights: Annotated[UploadFile, File()],
                      activate: Annotated[bool, Form()] = False) -> dict[str, Any]:
         config_bytes = await _read_bounded(config, 1 << 20, "config")
@@ -107,7 +129,7 @@ def build_admin_router(admin: AdminService, token: str) -> APIRouter:
             await _call(admin.store.activate, task, version)
         return {"task": task, "version": version, "activated": activate}
 
-    @router.post("/adapters/{task}/activate")
+    @router.post("/adapters/{task}/activate", responses=with_body)
     async def activate(task: str, body: ActivateBody) -> dict[str, Any]:
         await _call(admin.store.activate, task, body.version)
         return {"task": task, "version": body.version}

@@ -11,38 +11,116 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from kv_transfer.base import TokenEvent
-from prefill_service.api_models import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, GenerateRequest
-from prefill_service.service import PrefillService, PreparedRequest, ServiceError, collect
+from prad.sampling import MAX_SEED, MAX_STOP_STRINGS
+from prefill_service.api_models import (
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_CHARS,
+    MAX_TASK_CHARS,
+    SSE,
+    ChatCompletionResponse,
+    CompletionResponse,
+    GenerateRequest,
+    ModelList,
+    StopString,
+    error_responses,
+)
+from prefill_service.service import (
+    PrefillService,
+    PreparedRequest,
+    ServiceError,
+    collect_unless,
+    wait_disconnect,
+)
 
 MAX_MESSAGES = 256
+PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+CLIENT_CLOSED_REQUEST = 499  # nginx's "client closed request": the client is gone, only the access log sees it
+MAX_USER_CHARS = 256
+
+# OpenAI fields this server does not implement, with the values that ask for nothing (accepted, like
+# absence); any other value is refused with a 400 naming the field rather than silently ignored.
+NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
+    "logit_bias": ({},), "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "tools": ([],),
+    "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+    "response_format": ({"type": "text"},),
+}
+SERVING_ERRORS = (400, 401, 404, 408, 413, 429, 502, 503, 504)
+
+
+def _unsupported(kind: str, **bounds: Any) -> Any:
+    return Field(default=None, description=f"not supported: leave it out or send {kind}", **bounds)
+
+
+def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    """None, or one of the neutral values (numbers compare by value: JSON 0 is 0.0; booleans never do)."""
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, bool) or isinstance(b, bool):
+            return a is b
+        if isinstance(a, int | float) and isinstance(b, int | float):
+            return a == b
+        return type(a) is type(b) and a == b
+
+    return value is None or any(same(value, n) for n in neutral)
+
+
+class TextFormat(BaseModel):
+    type: Literal["text"]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = Field(default=False, description="a last chunk with empty choices carries usage")
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+    # OpenAI clients send fields that change nothing here (metadata, store, ...): ignored. Fields that
+    # would change the answer and are not implemented are declared below and refused.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str = Field(min_length=1, max_length=64)
+    model: str = Field(min_length=1, max_length=MAX_TASK_CHARS, description="the task id, or 'base'")
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
+    stream_options: StreamOptions | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    user: str | None = Field(default=None, max_length=MAX_USER_CHARS, description="end-user id (accepted)")
+    # The types below document the neutral values only; the validator refuses anything else by name.
+    logprobs: Literal[False] | None = _unsupported("false")
+    logit_bias: dict[str, float] | None = _unsupported("{}", max_length=0)
+    presence_penalty: float | None = _unsupported("0", ge=0, le=0)
+    frequency_penalty: float | None = _unsupported("0", ge=0, le=0)
+
+    @field_validator(*NEUTRAL_VALUES, mode="before", check_fields=False)
+    @classmethod
+    def _refuse_unsupported(cls, value: Any, info: ValidationInfo) -> None:
+        neutral = NEUTRAL_VALUES[info.field_name or ""]
+        if _is_neutral(value, neutral):
+            return None
+        raise ValueError(f"not supported by this server; leave it out or send {json.dumps(neutral[0])}")
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] | None = Field(
+        default=None, description="one prompt (a list of exactly one is accepted)")
     # Our extension: the task's input, formatted with the adapter's prompt template like /generate's "input".
-    input: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    input: PromptText | None = None
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
+    echo: Literal[False] | None = _unsupported("false")
+    best_of: Literal[1] | None = _unsupported("1")
+    suffix: Literal[""] | None = _unsupported('""')
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CompletionRequest:
@@ -59,19 +137,31 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    top_logprobs: Literal[0] | None = _unsupported("0")
+    tools: list[dict[str, Any]] | None = _unsupported("[]", max_length=0)
+    tool_choice: Literal["none", "auto"] | None = _unsupported('"none"')
+    functions: list[dict[str, Any]] | None = _unsupported("[]", max_length=0)
+    function_call: Literal["none", "auto"] | None = _unsupported('"none"')
+    response_format: TextFormat | None = _unsupported('{"type": "text"}')
 
 
-def openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}.get(
-        status, "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
-                        status_code=status)
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 408: "invalid_request_error", 409: "invalid_request_error",
+               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def openai_error(status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in OpenAI's shape; 422 (our validation status) is answered as OpenAI's 400."""
+    status = 400 if status == 422 else status
+    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _to_generate(body: _Sampling, prompt: str | None, max_tokens: int | None,
                  task_input: str | None = None) -> GenerateRequest:
-    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    stop: list[str] = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     try:
         return GenerateRequest(task=body.model, prompt=prompt, input=task_input, max_new_tokens=max_tokens or 256,
                                temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,
@@ -89,43 +179,58 @@ def _completion_prompt(body: CompletionRequest) -> str | None:
 
 
 def build_router(get_service: Any) -> APIRouter:
+    """The /v1 routes. Their validation errors are OpenAI 400s (app.py): the OpenAPI document lists 400
+    and no 422 for them."""
     router = APIRouter(prefix="/v1")
 
-    @router.get("/models")
+    @router.get("/models", response_model=ModelList, responses=error_responses(401, openai=True))
     async def models(request: Request) -> dict[str, Any]:
         service: PrefillService = get_service(request)
         tasks = ["base", *service.adapters.tasks()]
         return {"object": "list", "data": [{"id": t, "object": "model", "created": 0, "owned_by": "prad"}
                                            for t in tasks]}
 
-    @router.post("/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    @router.post("/completions", response_model=None,
+                 responses={200: {"model": CompletionResponse, "content": SSE},
+                            **error_responses(*SERVING_ERRORS, openai=True)})
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         service: PrefillService = get_service(request)
+        service.check_admission(body.model)
         gen = _to_generate(body, _completion_prompt(body), body.max_tokens, body.input)
-        return await _run(service, gen, "text_completion")
+        return await _run(service, gen, "text_completion", request, _include_usage(body))
 
-    @router.post("/chat/completions", response_model=None)
-    async def chat(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
+    @router.post("/chat/completions", response_model=None,
+                 responses={200: {"model": ChatCompletionResponse, "content": SSE},
+                            **error_responses(*SERVING_ERRORS, openai=True)})
+    async def chat(body: ChatRequest, request: Request) -> Response:
         service: PrefillService = get_service(request)
+        service.check_admission(body.model)
         messages = [m.model_dump() for m in body.messages]
         prompt = service.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         gen = _to_generate(body, prompt, body.max_completion_tokens or body.max_tokens)
-        return await _run(service, gen, "chat.completion")
+        return await _run(service, gen, "chat.completion", request, _include_usage(body))
 
     return router
 
 
-async def _run(service: PrefillService, gen: GenerateRequest, kind: str) -> JSONResponse | StreamingResponse:
+def _include_usage(body: _Sampling) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+async def _run(service: PrefillService, gen: GenerateRequest, kind: str, request: Request,
+               include_usage: bool) -> Response:
     prepared = await run_in_threadpool(service.prepare, gen)
     events = service.submit(prepared)
-    return await _respond(prepared, events, kind, stream=gen.stream)
+    if gen.stream:
+        return StreamingResponse(_stream(prepared, events, kind, include_usage), media_type="text/event-stream")
+    return await _respond(prepared, events, kind, request)
 
 
-async def _respond(req: PreparedRequest, events: AsyncIterator[TokenEvent], kind: str,
-                   stream: bool) -> JSONResponse | StreamingResponse:
-    if stream:
-        return StreamingResponse(_stream(req, events, kind), media_type="text/event-stream")
-    result = await collect(events)
+async def _respond(req: PreparedRequest, events: AsyncIterator[TokenEvent], kind: str, request: Request) -> Response:
+    """The whole completion as one JSON body; a client that hangs up first aborts the request."""
+    result = await collect_unless(events, wait_disconnect(request.receive))
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None}
     if kind == "chat.completion":
         choice["message"] = {"role": "assistant", "content": result.text}
@@ -145,7 +250,8 @@ def _usage(req: PreparedRequest, num_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": n, "completion_tokens": num_tokens, "total_tokens": n + num_tokens}
 
 
-async def _stream(req: PreparedRequest, events: AsyncIterator[TokenEvent], kind: str) -> AsyncIterator[str]:
+async def _stream(req: PreparedRequest, events: AsyncIterator[TokenEvent], kind: str,
+                  include_usage: bool = False) -> AsyncIterator[str]:
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
     num_tokens = 0
@@ -164,13 +270,17 @@ async def _stream(req: PreparedRequest, events: AsyncIterator[TokenEvent], kind:
             if event.is_final:
                 last = {"index": 0, "finish_reason": event.finish_reason, **({"delta": {}} if chat else {"text": ""})}
                 yield _chunk(req, obj, last, usage=_usage(req, num_tokens))
+                if include_usage:
+                    yield _chunk(req, obj, None, usage=_usage(req, num_tokens))
     except ServiceError as e:
         yield f"data: {json.dumps({'error': {'message': e.message, 'code': e.status}})}\n\n"
     yield "data: [DONE]\n\n"
 
 
-def _chunk(req: PreparedRequest, obj: str, choice: dict[str, Any], usage: dict[str, int] | None = None) -> str:
-    body: dict[str, Any] = {**_envelope(req, obj), "choices": [choice]}
+def _chunk(req: PreparedRequest, obj: str, choice: dict[str, Any] | None,
+           usage: dict[str, int] | None = None) -> str:
+    """One SSE event; choice None gives OpenAI's usage-only chunk (`choices: []`)."""
+    body: dict[str, Any] = {**_envelope(req, obj), "choices": [] if choice is None else [choice]}
     if usage is not None:
         body["usage"] = usage
     return f"data: {json.dumps(body)}\n\n"

@@ -11,8 +11,10 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
+from typing import Any
 
 from adapters_store.base import UnknownTaskError
 from kv_transfer.base import TokenEvent, merge_events
@@ -58,6 +60,32 @@ async def collect(events: AsyncIterator[TokenEvent]) -> TokenEvent:
     return result
 
 
+async def collect_unless(events: AsyncIterator[TokenEvent], gone: Awaitable[None]) -> TokenEvent | None:
+    """collect(events), unless `gone` finishes first (the client went away): then the collection is
+    cancelled, which closes the events stream and so aborts the request (see PrefillService._events),
+    and None is returned. A non-streaming client that hangs up thus frees its slot at once."""
+    collecting = asyncio.ensure_future(collect(events))
+    watching = asyncio.ensure_future(gone)
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        is_gone = not collecting.done()
+        if is_gone:
+            collecting.cancel()
+    if not is_gone:
+        return collecting.result()
+    with suppress(asyncio.CancelledError):
+        await collecting  # lets the stream's finally-block run (the abort) before answering
+    return None
+
+
+async def wait_disconnect(receive: Callable[[], Awaitable[Mapping[str, Any]]]) -> None:
+    """Returns when the ASGI server reports that the client disconnected (call after the body was read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class PrefillService:
     def __init__(self, loaded: LoadedModel, adapters: AdapterCache, engine: PrefillEngine,
                  max_seq_len: int, request_timeout_s: float, metrics: Metrics | None = None) -> None:
@@ -78,6 +106,24 @@ class PrefillService:
         except (AdapterError, OSError) as e:
             raise ServiceError(503, f"task {task!r} cannot be served: {e}") from e
         return adapter, adapter.version
+
+    def check_admission(self, task: str) -> None:
+        """Cheap refusals first: 503 when the prefill engine is down, 429 when its queue is already full,
+        before prepare() spends time on the adapter and the tokenizer. Under a burst this keeps 429s
+        fast; submit() still makes the binding check."""
+        try:
+            self.engine.check_accepting()
+        except EngineUnavailableError as e:
+            self.count_error(self._label(task), 503)
+            raise ServiceError(503, f"prefill engine unavailable: {e}") from e
+        max_waiting = self.engine.config.max_waiting
+        if self.engine.stats()["num_waiting"] >= max_waiting:
+            self.count_error(self._label(task), 429)
+            raise ServiceError(429, f"server busy: prefill queue full ({max_waiting} waiting); retry later")
+
+    def _label(self, task: str) -> str:
+        """The task as a metric label; unknown ids never become labels: anyone could mint them."""
+        return task if task == BASE_TASK or task in self.adapters.tasks() else "unknown"
 
     def prepare(self, body: GenerateRequest) -> PreparedRequest:
         """Everything that can fail before queueing: task, template, tokenization, limits."""
