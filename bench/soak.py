@@ -6,7 +6,7 @@ starts on loopback (ServeProcess, CPU, fp32, the example adapters in examples/ad
 next to the results). Each request is one kind, drawn by weight (`KINDS`, bench/soak_requests.py),
 over the tasks GET /tasks lists: good ones (/generate plain and streamed, seeded top-p/top-k sampling with stop strings,
 /v1/completions, /v1/chat/completions; must answer 200), extreme but valid sampling (top_p 1e-9,
-temperature 1e-30, top_k 1e12, ...; 200), bad ones (unknown task 404, invalid parameters 422 or 400 on
+temperature 1e-30, top_k 2^20, ...; 200), bad ones (unknown task 404, invalid parameters 422 or 400 on
 /v1, a prompt over the context 413, malformed JSON, a body over the 1 MiB limit 413, announced or sent
 chunked) and abandoned ones (streams closed after a few tokens, non-streaming clients that hang up
 before the answer).

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from bench.http_load import chunks, read_head
 from prad.sampling import MAX_SEED
+from prefill_service.api_models import MAX_TOP_K
 from prefill_service.app import MAX_REQUEST_BYTES
 
 INPUTS = {"sst2": ("a gorgeous, witty and moving film.", "the plot is thin and the acting is wooden."),
@@ -47,14 +48,14 @@ def _json(obj: object) -> bytes:
 
 OK, ABANDONED = frozenset({"200"}), frozenset({"abandoned", "200"})
 OVERSIZED = frozenset({"413", "reset"})  # "reset": the server closed on a body it would not read
-EXTREME = ({"temperature": 1.0, "top_p": 1e-9}, {"temperature": 1e-30}, {"temperature": 1e-30, "top_p": 1e-9},
-           {"temperature": 10.0}, {"temperature": 10.0, "top_k": 1}, {"temperature": 1.0, "top_k": 10**12},
-           {"temperature": 0.5, "seed": MAX_SEED}, {"max_new_tokens": 1, "temperature": 1e-7},
-           {"stop": ["e", "a", " ", ".", ",", "o", "i", "\n"]})
+EXTREME = ({"temperature": 1.0, "top_p": 1e-9}, {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 1e-30},
+           {"temperature": 1e-30, "top_p": 1e-9}, {"temperature": 10.0}, {"temperature": 10.0, "top_k": 1},
+           {"temperature": 1.0, "top_k": MAX_TOP_K}, {"temperature": 0.5, "seed": MAX_SEED},
+           {"max_new_tokens": 1, "temperature": 1e-7}, {"stop": ["e", "a", " ", ".", ",", "o", "i", "\n"]})
 INVALID_GENERATE = ({"top_p": 0.0}, {"temperature": -1.0}, {"temperature": 11.0}, {"max_new_tokens": 0},
-                    {"max_new_tokens": 5000}, {"top_k": -1}, {"seed": -1}, {"stop": [""]}, {"stop": ["x"] * 9},
-                    {"prompt": "and a prompt"}, {"input": None}, {"max_new_tokens": "many"}, {"colour": "blue"},
-                    {"task": ""}, {"task": "t" * 65})
+                    {"max_new_tokens": 5000}, {"top_k": -1}, {"top_k": 10**12}, {"seed": -1}, {"stop": [""]},
+                    {"stop": ["x"] * 9}, {"prompt": "and a prompt"}, {"input": None}, {"max_new_tokens": "many"},
+                    {"colour": "blue"}, {"task": ""}, {"task": "t" * 65})
 INVALID_OPENAI = ({"temperature": 3.0}, {"n": 2}, {"max_tokens": 0}, {"prompt": ["one", "two"]}, {"top_p": 0.0})
 MALFORMED = (b'{"task": "base", "prompt": "cut', b"not json at all", b"", b"[1, 2, 3]",
              b'{"task": "base", "prompt": "x",}', b"\xff\xfe\x00garbage")
