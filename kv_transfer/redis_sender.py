@@ -131,7 +131,7 @@ class RedisSender(KVSender):
     def is_ready(self) -> tuple[bool, str]:
         try:
             self.redis.ping()
-            if not self._replica_alive():
+            if not self._replica_alive(fresh=True):  # a probe must not pass on a stale answer
                 return False, "no decode replica is alive on Redis"
         except redis.RedisError as e:
             return False, f"redis unreachable: {e}"
@@ -146,10 +146,11 @@ class RedisSender(KVSender):
             self.redis.delete(self.keys.wake(self.sender_id))
         self.redis.close()
 
-    def _replica_alive(self) -> bool:
-        """Whether some decode replica's alive key exists (one lookup per LIVENESS_TTL_S; raises redis errors)."""
+    def _replica_alive(self, fresh: bool = False) -> bool:
+        """Whether some decode replica's alive key exists (one lookup per LIVENESS_TTL_S unless `fresh`;
+        raises redis errors)."""
         now = time.monotonic()
-        if now - self._alive_checked_s >= LIVENESS_TTL_S:
+        if fresh or now - self._alive_checked_s >= LIVENESS_TTL_S:
             self._is_alive = int(self._count_alive(keys=[self.keys.replicas], args=[self.keys.alive("")])) > 0
             self._alive_checked_s = now
         if self._is_alive:
