@@ -194,7 +194,8 @@ def _front_door(settings: ServeSettings, loaded: LoadedModel, sender: KVSender, 
     if settings.admin_token:
         admin = build_admin_router(AdminService(store, loaded, settings.max_adapter_bytes), settings.admin_token)
     app = create_app(service, life.start, life.stop, life.readiness, settings.api_key, admin,
-                     settings.max_adapter_bytes + (2 << 20), liveness=life.liveness)
+                     settings.max_adapter_bytes + (2 << 20), liveness=life.liveness,
+                     body_timeout_s=settings.http_body_timeout_s)
     app.state.engines = {"prefill": prefill}
     app.state.store = store
     return app

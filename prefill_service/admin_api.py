@@ -13,8 +13,8 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Request, UploadFile
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store.base import (
@@ -35,10 +35,15 @@ from prefill_service.api_models import error_responses
 DEFAULT_MAX_ADAPTER_BYTES = 256 << 20
 ADMIN_ERRORS = (400, 401, 403, 404, 409, 503)
 BODY_ERRORS = (408, 413, 422)  # routes that take a body: too slow, too big, invalid
+# The store's id rules (prad/adapters/config.py TASK_ID_RE, adapters_store/base.py VERSION_RE) as
+# documented patterns; FastAPI refuses what does not match (422), the store checks again ('base').
+VERSION_PATTERN = "^[0-9a-f]{16}$"
+TaskId = Annotated[str, Path(pattern="^[a-z0-9][a-z0-9_.-]{0,63}$", description="task id (not 'base')")]
+VersionId = Annotated[str, Path(pattern=VERSION_PATTERN, description="content version: 16 lowercase hex")]
 
 
 class ActivateBody(BaseModel):
-    version: str
+    version: str = Field(pattern=VERSION_PATTERN)
 
 
 class AdminService:
@@ -120,7 +125,7 @@ def build_admin_router(admin: AdminService, token: str) -> AdminRouter:
         return {"tasks": await _call(admin.listing)}
 
     @router.post("/adapters/{task}/versions", status_code=201, responses=with_body)
-    async def upload(task: str, config: Annotated[UploadFile, File()], weights: Annotated[UploadFile, File()],
+    async def upload(task: TaskId, config: Annotated[UploadFile, File()], weights: Annotated[UploadFile, File()],
                      activate: Annotated[bool, Form()] = False) -> dict[str, Any]:
         config_bytes = await _read_bounded(config, 1 << 20, "config")
         weight_bytes = await _read_bounded(weights, admin.max_adapter_bytes, "weights")
@@ -130,21 +135,21 @@ def build_admin_router(admin: AdminService, token: str) -> AdminRouter:
         return {"task": task, "version": version, "activated": activate}
 
     @router.post("/adapters/{task}/activate", responses=with_body)
-    async def activate(task: str, body: ActivateBody) -> dict[str, Any]:
+    async def activate(task: TaskId, body: ActivateBody) -> dict[str, Any]:
         await _call(admin.store.activate, task, body.version)
         return {"task": task, "version": body.version}
 
     @router.post("/adapters/{task}/rollback")
-    async def rollback(task: str) -> dict[str, Any]:
+    async def rollback(task: TaskId) -> dict[str, Any]:
         return {"task": task, "version": await _call(admin.store.rollback, task)}
 
     @router.delete("/adapters/{task}/versions/{version}")
-    async def delete_version(task: str, version: str) -> dict[str, Any]:
+    async def delete_version(task: TaskId, version: VersionId) -> dict[str, Any]:
         await _call(admin.store.delete_version, task, version)
         return {"task": task, "deleted": version}
 
     @router.delete("/adapters/{task}")
-    async def delete_task(task: str) -> dict[str, Any]:
+    async def delete_task(task: TaskId) -> dict[str, Any]:
         await _call(admin.store.delete_task, task)
         return {"task": task, "deleted": True}
 

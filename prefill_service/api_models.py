@@ -23,8 +23,13 @@ MAX_TASK_CHARS = 64
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
+# JSON Schema for "exactly one of prompt / input" (checked by the models' validators).
+ONE_PROMPT = {"oneOf": [{"required": ["prompt"], "properties": {"prompt": {"not": {"type": "null"}}}},
+                        {"required": ["input"], "properties": {"input": {"not": {"type": "null"}}}}]}
+
+
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=ONE_PROMPT)
 
     task: str = Field(min_length=1, max_length=MAX_TASK_CHARS, description="task id, or 'base' for no adapter")
     prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS, description="raw prompt text")

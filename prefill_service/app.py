@@ -114,11 +114,12 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
     async def metrics(service: ServiceDep) -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"description": "an engine died or stalled: restart the process "
+                                                            "(body: status, problems)"}})
     async def healthz(request: Request) -> JSONResponse:
         return health_response(request.app.state.liveness())
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "not ready to take traffic (body: ready, not_ready)"}})
     async def readyz(request: Request) -> JSONResponse:
         problems = request.app.state.readiness()
         status = 200 if not problems else 503
@@ -194,7 +195,7 @@ class RequestGuard:
         if rejection is not None:
             await rejection(scope, receive, send)
             return
-        timeout_s: float = scope["app"].state.body_timeout_s
+        timeout_s: float = getattr(scope["app"].state, "body_timeout_s", DEFAULT_BODY_TIMEOUT_S)
         await self.app(scope, GuardedBody(receive, limit, timeout_s), send)
 
     def rejection(self, path: str, headers: Headers, limit: int) -> Response | None:

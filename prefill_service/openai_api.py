@@ -24,6 +24,7 @@ from prefill_service.api_models import (
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
     MAX_TASK_CHARS,
+    ONE_PROMPT,
     SSE,
     ChatCompletionResponse,
     CompletionResponse,
@@ -113,6 +114,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra=ONE_PROMPT)
+
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] | None = Field(
         default=None, description="one prompt (a list of exactly one is accepted)")
     # Our extension: the task's input, formatted with the adapter's prompt template like /generate's "input".
