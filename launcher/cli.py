@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-adapter-bytes", type=int, default=None)
     serve.add_argument("--max-task-labels", type=int, default=None, help="per-task metric labels before 'other'")
     serve.add_argument("--request-timeout-s", type=float, default=None)
+    serve.add_argument("--drain-timeout-s", type=float, default=None,
+                       help="decode: on SIGTERM, finish running requests for up to this long")
+    serve.add_argument("--adapter-poll-s", type=float, default=None, help="fallback poll of the adapter store")
     serve.add_argument("--engine-stall-timeout-s", type=float, default=None,
                        help="an engine stalled this long with work waiting fails /healthz")
     serve.add_argument("--exit-when-unhealthy-s", type=float, default=None,
