@@ -54,10 +54,12 @@ def write_adapter(root: Path, task: str, variant: str, model: ModelConfig, finge
 
 
 @contextmanager
-def running_server(app, timeout_s: float = 60.0):
-    """Serve a FastAPI app with uvicorn on a free loopback port; yields the base URL."""
+def running_server(app, timeout_s: float = 60.0, **uvicorn_options):
+    """Serve a FastAPI app with uvicorn on a free loopback port; yields the base URL. `uvicorn_options`
+    go to uvicorn.Config (e.g. launcher.embedded.uvicorn_options(settings))."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           **uvicorn_options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -7,21 +7,17 @@ from __future__ import annotations
 import json
 import select
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from launcher import cli
 from launcher.embedded import build_embedded_app, uvicorn_options
-from launcher.local import free_port
 from launcher.settings import ServeSettings
 from prefill_service.api_models import MAX_TOP_K
 from prefill_service.app import MAX_REQUEST_BYTES
@@ -35,27 +31,9 @@ MAX_ADAPTER_BYTES = 1024
 ADMIN_LIMIT = MAX_ADAPTER_BYTES + (2 << 20)  # what launcher/roles.py allows an admin body
 
 
-@contextmanager
-def serving(app: FastAPI, settings: ServeSettings) -> Iterator[str]:
-    """Like tests.helpers.running_server, with the launcher's uvicorn options (header timeout, keep-alive)."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_options(settings))
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+def serving(app: FastAPI, settings: ServeSettings):
+    """running_server with the launcher's uvicorn options (header timeout, keep-alive)."""
+    return running_server(app, **uvicorn_options(settings))
 
 
 @pytest.fixture(scope="module")
