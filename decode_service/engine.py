@@ -256,8 +256,7 @@ class DecodeEngine(EngineLoop, DecodeBackend):
         self.metrics.row_failures.labels("decode").inc()
         self._by_id.pop(seq.request_id, None)
         seq.status = SeqStatus.FINISHED_ABORTED
-        self._emit(seq, TokenEvent(seq.request_id, [], "", finish_reason="error", error=message,
-                                   error_status=status))
+        self._emit(seq, _error(seq, message, status))
 
     def _fail_row(self, seq: DecodeSequence, message: str) -> None:
         """Fail one running request and free its row (lock held)."""
@@ -270,20 +269,22 @@ class DecodeEngine(EngineLoop, DecodeBackend):
                 if seq.status is SeqStatus.RUNNING:
                     self._release(seq, SeqStatus.FINISHED_ABORTED)
                 self._by_id.pop(seq.request_id, None)
-                self._emit(seq, TokenEvent(seq.request_id, [], "", finish_reason="error", error=message,
-                                           error_status=500))
+                self._emit(seq, _error(seq, message, 500))
 
     def _fail_all(self, message: str) -> None:
         """Every waiting and running request gets an error event; the scheduler is emptied (lock held)."""
         for seq in self.scheduler.drop_all():
-            self._emit(seq, TokenEvent(seq.request_id, [], "", finish_reason="error", error=message,
-                                       error_status=503))
+            self._emit(seq, _error(seq, message, 503))
         self._by_id.clear()
 
 
 _STATUS_FOR = {"stop": SeqStatus.FINISHED_STOP, "length": SeqStatus.FINISHED_LENGTH,
                "abort": SeqStatus.FINISHED_ABORTED}
 MAX_STOP_CHARS = 256
+
+
+def _error(seq: DecodeSequence, message: str, status: int) -> TokenEvent:
+    return TokenEvent(seq.request_id, [], "", finish_reason="error", error=message, error_status=status)
 
 
 def _sample_or_error(logits, params, index: int) -> int | Exception:

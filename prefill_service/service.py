@@ -114,12 +114,15 @@ class PrefillService:
         try:
             self.engine.check_accepting()
         except EngineUnavailableError as e:
-            self.count_error(self._label(task), 503)
-            raise ServiceError(503, f"prefill engine unavailable: {e}") from e
+            raise self._unavailable(self._label(task), e) from e
         max_waiting = self.engine.config.max_waiting
         if self.engine.stats()["num_waiting"] >= max_waiting:
             self.count_error(self._label(task), 429)
             raise ServiceError(429, f"server busy: prefill queue full ({max_waiting} waiting); retry later")
+
+    def _unavailable(self, label: str, e: EngineUnavailableError) -> ServiceError:
+        self.count_error(label, 503)
+        return ServiceError(503, f"prefill engine unavailable: {e}")
 
     def _label(self, task: str) -> str:
         """The task as a metric label; unknown ids never become labels: anyone could mint them."""
@@ -177,8 +180,7 @@ class PrefillService:
             self.count_error(req.task, 429)
             raise ServiceError(429, f"server busy: {e}; retry later") from e
         except EngineUnavailableError as e:
-            self.count_error(req.task, 503)
-            raise ServiceError(503, f"prefill engine unavailable: {e}") from e
+            raise self._unavailable(req.task, e) from e
         return self._events(req, events, deadline_s)
 
     async def _events(self, req: PreparedRequest, events: asyncio.Queue[TokenEvent],
