@@ -22,7 +22,7 @@ from prad.detokenizer import Detokenizer
 from prad.engine_loop import DEFAULT_STALL_TIMEOUT_S, EngineLoop
 from prad.loading import LoadedModel
 from prad.metrics import Metrics
-from prad.sampling import MAX_STOP_STRINGS, sample_batch, sample_one
+from prad.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, sample_batch, sample_one
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,6 @@ class DecodeEngine(EngineLoop, DecodeBackend):
 
 _STATUS_FOR = {"stop": SeqStatus.FINISHED_STOP, "length": SeqStatus.FINISHED_LENGTH,
                "abort": SeqStatus.FINISHED_ABORTED}
-MAX_STOP_CHARS = 256
 
 
 def _error(seq: DecodeSequence, message: str, status: int) -> TokenEvent:

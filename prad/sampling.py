@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 256  # characters per stop string
 MAX_SEED = 2**63 - 1
 MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy
 

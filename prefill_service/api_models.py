@@ -12,11 +12,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from prad.sampling import MAX_SEED, MAX_STOP_STRINGS
+from prad.sampling import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 MAX_PROMPT_CHARS = 200_000
 MAX_NEW_TOKENS = 4096
-MAX_STOP_CHARS = 256
 MAX_TOP_K = 1 << 20  # above any vocabulary (a larger k cuts nothing), well inside the proto's uint32
 MAX_TASK_CHARS = 64
 
