@@ -63,9 +63,10 @@ class Lifecycle:
             stop()
 
     def readiness(self) -> dict[str, str]:
-        problems = self.liveness()
+        problems: dict[str, str] = {}
         for check in self.checks:
             problems.update(check())
+        problems.update(self.liveness())  # why an engine is down says more than "not running"
         return problems
 
     def liveness(self) -> dict[str, str]:

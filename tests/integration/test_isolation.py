@@ -224,7 +224,8 @@ def test_a_dead_engine_fails_its_requests_refuses_new_ones_and_fails_healthz(smo
             assert "injected loop bug" in results[0].json()["detail"]
             health = client.get(url + "/healthz")
             assert health.status_code == 503 and "prefill" in health.json()["problems"]
-            assert client.get(url + "/readyz").status_code == 503
+            ready = client.get(url + "/readyz")
+            assert ready.status_code == 503 and "injected loop bug" in ready.json()["not_ready"]["prefill"]
             started = time.monotonic()
             refused = client.post(url + "/generate", json=body)
             assert refused.status_code == 503 and time.monotonic() - started < 5.0
