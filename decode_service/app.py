@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from prad.metrics import Metrics
+from serving.metrics import Metrics
 
 
 def create_decode_app(metrics: Metrics, stats: Callable[[], dict[str, int]], readiness: Callable[[], dict[str, str]],

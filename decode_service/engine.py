@@ -3,7 +3,7 @@
 Failures stay with the request that caused them: a handoff is validated before admission (token ids,
 sampling ranges, layout), and inserting its KV, sampling its token, detokenizing and delivering its
 events fail that request alone. A step that raises (not attributable to a row) fails the requests of
-that step, never the engine; see prad/engine_loop.py for what happens when the loop itself fails.
+that step, never the engine; see serving/engine_loop.py for what happens when the loop itself fails.
 """
 
 from __future__ import annotations
@@ -14,15 +14,18 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
+import torch
+
 from decode_service.runner import DecodeRunner
-from decode_service.scheduler import DecodeScheduler, DecodeSequence, SeqStatus
+from decode_service.scheduler import DecodeScheduler, DecodeSequence, KVMove, ScheduleOutput
 from kv_transfer.base import DecodeBackend, EventSink, TokenEvent
 from kv_transfer.handoff import HandoffError, KVHandoff, KVLayout, check_handoff
+from kv_transfer.outcome import ErrorKind, FinishReason
 from prad.detokenizer import Detokenizer
-from prad.engine_loop import DEFAULT_STALL_TIMEOUT_S, EngineLoop
 from prad.loading import LoadedModel
-from prad.metrics import Metrics
-from prad.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, sample_batch, sample_one
+from prad.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, sample_batch, sample_one
+from serving.engine_loop import DEFAULT_STALL_TIMEOUT_S, EngineLoop
+from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +38,21 @@ class DecodeConfig:
     max_waiting: int = 256  # handoffs queued for a row; beyond that, 429
 
 
-@dataclass
-class _Job:
-    handoff: KVHandoff
-    sink: EventSink
-    detok: Detokenizer
-    arrived_s: float
+@dataclass(kw_only=True)
+class Sequence(DecodeSequence):
+    """A decode sequence with what the engine needs besides the scheduler's view of it."""
+
+    sampling: SamplingParams
+    sink: EventSink  # where its events go (a transport's)
+    detok: Detokenizer  # incremental text and stop strings
+    arrived_s: float  # time.monotonic() at submission
+    kv: torch.Tensor | None  # the handed-over prompt KV, until it is in the cache
 
 
-class DecodeEngine(EngineLoop, DecodeBackend):
+Tokens = list[int | Exception]  # one sampled token per row, or the exception that row raised
+
+
+class DecodeEngine(EngineLoop[ScheduleOutput[Sequence], Tokens], DecodeBackend):
     thread_name = "decode-engine"
 
     def __init__(self, loaded: LoadedModel, config: DecodeConfig,
@@ -53,10 +62,11 @@ class DecodeEngine(EngineLoop, DecodeBackend):
         self.config = config
         self.metrics = metrics or Metrics()
         self.runner = DecodeRunner(loaded.model, config.max_batch_size, config.max_seq_len)
-        self.scheduler = DecodeScheduler(config.max_batch_size, config.max_kv_tokens, config.max_waiting)
+        self.scheduler: DecodeScheduler[Sequence] = DecodeScheduler(
+            config.max_batch_size, config.max_kv_tokens, config.max_waiting, loaded.config.eos_token_ids)
         self.compute_lock = compute_lock or nullcontext()
         super().__init__(stall_timeout_s)
-        self._by_id: dict[str, DecodeSequence] = {}
+        self._by_id: dict[str, Sequence] = {}
         c = loaded.config
         self.num_steps = 0
         self.expected_layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, str(loaded.model.dtype)
@@ -71,17 +81,19 @@ class DecodeEngine(EngineLoop, DecodeBackend):
         if num_positions > self.config.max_seq_len:
             raise ValueError(f"request needs {num_positions} positions, decode max_seq_len is "
                              f"{self.config.max_seq_len}")
-        detok = Detokenizer(self.loaded.tokenizer, handoff.sampling.stop)
-        job = _Job(handoff, sink, detok, time.monotonic())
-        seq = DecodeSequence(handoff.request_id, len(handoff.prompt_token_ids), handoff.sampling.max_new_tokens,
-                             [], payload=job)
+        s = handoff.sampling
+        seq = Sequence(handoff.request_id, len(handoff.prompt_token_ids), s.max_new_tokens, [],
+                       ignore_eos=s.ignore_eos, deadline_s=handoff.deadline_s, sampling=s, sink=sink,
+                       detok=Detokenizer(self.loaded.tokenizer, s.stop), arrived_s=time.monotonic(), kv=handoff.kv)
         with self._lock:
             if handoff.request_id in self._by_id:
                 raise ValueError(f"duplicate request id {handoff.request_id!r}")
-            # The first token is already sampled: emit it, and admit only if the request goes on.
-            if self._accept_token(seq, handoff.first_token_id):
+            self.scheduler.check_room(seq)  # QueueFullError before any event is sent
+            # The first token is already sampled: emit it, and queue the request only if it goes on.
+            self._accept_token(seq, handoff.first_token_id)
+            if seq.is_finished:
                 return
-            self.scheduler.add(seq)  # may raise QueueFullError: nothing was admitted
+            self.scheduler.add(seq)
             self._by_id[seq.request_id] = seq
             self._lock.notify_all()
 
@@ -111,57 +123,91 @@ class DecodeEngine(EngineLoop, DecodeBackend):
                     "max_kv_tokens": self.config.max_kv_tokens, "num_kv_bytes": self.runner.num_kv_bytes,
                     "num_steps": self.num_steps}
 
-    # --- the loop --------------------------------------------------------------------------
+    # --- the loop's steps ------------------------------------------------------------------------
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                self.note_progress()
-                while not self.scheduler.has_work() and not self._stopping:
-                    self._lock.wait()
-                if self._stopping:
-                    self._fail_all("decode service shutting down")
-                    return
-                running = self._schedule()
-            if running:
-                self._step(running)
-            with self._lock:
-                self._observe(self.scheduler.num_running)  # gauges stay true when the loop goes idle
-
-    def _schedule(self) -> list[DecodeSequence]:
-        """Drop aborted requests, admit waiting ones (their KV into the cache); the rows to run (lock held)."""
+    def _schedule(self) -> ScheduleOutput[Sequence]:
+        """Drop aborted requests and admit waiting ones (lock held)."""
         out = self.scheduler.schedule()
         for seq in out.aborted:
-            self._finish_event(seq)
-        for move in out.moves:
-            self.runner.move(*move)
-        for seq in out.admitted:
+            self._emit_aborted(seq)
+        return out
+
+    def _step(self, out: ScheduleOutput[Sequence]) -> None:
+        """Bring the KV cache in line with the schedule, then decode one token for every running row."""
+        self._move_kv(out.moves)
+        self._admit(out.admitted)
+        with self._lock:
+            running = list(self.scheduler.rows)
+            self._observe(len(running))
+        if running:
+            self._run(running)
+        with self._lock:
+            self._observe(self.scheduler.num_running)  # gauges stay true when the loop goes idle
+
+    def _admit(self, admitted: list[Sequence]) -> None:
+        """Copy each admitted request's KV into its row; a request that cannot be admitted fails alone."""
+        for seq in admitted:
             try:
                 self.runner.ensure_capacity(seq.num_reserved_tokens)
-                self.runner.insert(seq.row, seq.payload.handoff.kv)
-            except Exception as e:  # e.g. no memory for a longer cache: this request fails alone
+                if seq.kv is None or seq.row is None:
+                    raise RuntimeError("admitted without KV or row")
+                self.runner.insert(seq.row, seq.kv)
+            except Exception as e:  # e.g. no memory for a longer cache
                 log.exception("admitting request %s failed", seq.request_id)
-                self._fail_row(seq, f"decode could not admit the request: {e}")
-            seq.payload.handoff.kv = None  # the cache holds it now (or it failed)
-        running = list(self.scheduler.rows)
-        self._observe(len(running))
-        return running
+                with self._lock:
+                    moves = self._fail(seq, ErrorKind.INTERNAL, f"decode could not admit the request: {e}")
+                self._move_kv(moves)
+            seq.kv = None  # the cache holds it now (or it failed)
 
-    def _step(self, running: list[DecodeSequence]) -> None:
-        try:
-            with self.compute_lock:
-                logits = self.runner.decode([s.output_token_ids[-1] for s in running],
-                                            [s.last_position for s in running])
-        except Exception as e:  # a failed step fails its requests, never the engine
-            log.exception("decode step failed")
-            self.metrics.step_failures.labels("decode").inc()
-            self._fail(running, f"decode step failed: {e}")
-            return
+    def _execute(self, running: list[Sequence]) -> Tokens:
+        with self.compute_lock:
+            logits = self.runner.decode([s.output_token_ids[-1] for s in running],
+                                        [s.last_position for s in running])
         self.num_steps += 1
-        tokens = self._sample(logits, running)
-        self._update(running, tokens)
+        return self._sample(logits, running)
+
+    def _sample(self, logits: torch.Tensor, running: list[Sequence]) -> Tokens:
+        """One token per row, or the exception that row raised (sampled alone after a batch failure)."""
+        params = [s.sampling for s in running]
+        indices = [len(s.output_token_ids) for s in running]
+        try:
+            return list(sample_batch(logits, params, indices))
+        except Exception:
+            return [_sample_or_error(logits[i], params[i], indices[i]) for i in range(len(running))]
+
+    def _update(self, running: list[Sequence], tokens: Tokens) -> None:
+        moves: list[KVMove] = []
+        with self._lock:
+            for seq, token in zip(running, tokens, strict=True):
+                if seq.is_finished:  # failed while the step ran
+                    continue
+                if isinstance(token, Exception):
+                    moves += self._fail(seq, ErrorKind.INTERNAL, f"sampling failed: {token}")
+                else:
+                    moves += self._accept_token(seq, token)
+        self._move_kv(moves)
+
+    def _step_failed(self, running: list[Sequence], error: Exception) -> None:
+        self.metrics.step_failures.labels("decode").inc()
+        moves: list[KVMove] = []
+        with self._lock:
+            for seq in running:
+                if not seq.is_finished:
+                    moves += self._fail(seq, ErrorKind.INTERNAL, f"decode step failed: {error}", is_row_failure=False)
+        self._move_kv(moves)
+
+    def _fail_all(self, message: str) -> None:
+        """Every waiting and running request gets an error event; the scheduler is emptied (lock held)."""
+        for seq in self.scheduler.drop_all():
+            self._emit(seq, TokenEvent.failure(seq.request_id, ErrorKind.UNAVAILABLE, message))
+        self._by_id.clear()
+
+    def _move_kv(self, moves: list[KVMove]) -> None:
+        """Apply the scheduler's row moves to the KV cache, in order (loop thread, lock not held)."""
+        for move in moves:
+            self.runner.move(*move)
 
     def _observe(self, batch_size: int) -> None:
         m, s = self.metrics, self.scheduler
@@ -170,123 +216,59 @@ class DecodeEngine(EngineLoop, DecodeBackend):
         m.num_waiting.labels("decode").set(s.num_waiting)
         m.kv_usage.set(s.num_reserved_tokens / self.config.max_kv_tokens)
 
-    def _sample(self, logits, running: list[DecodeSequence]) -> list[int | Exception]:
-        """One token per row, or the exception that row raised (sampled alone after a batch failure)."""
-        params = [s.payload.handoff.sampling for s in running]
-        indices = [len(s.output_token_ids) for s in running]
+    # --- per-token bookkeeping (lock held) -----------------------------------------------------
+    def _accept_token(self, seq: Sequence, token: int) -> list[KVMove]:
+        """Detokenize a sampled token, let the scheduler decide whether the request ends with it, and
+        emit its event. Returns the KV moves of a request that left its row."""
         try:
-            return list(sample_batch(logits, params, indices))
-        except Exception:
-            return [_sample_or_error(logits[i], params[i], indices[i]) for i in range(len(running))]
-
-    def _update(self, running: list[DecodeSequence], tokens: list[int | Exception]) -> None:
-        with self._lock:
-            for seq, token in zip(running, tokens, strict=True):
-                if seq.status is not SeqStatus.RUNNING:
-                    continue
-                if isinstance(token, Exception):
-                    self._fail_row(seq, f"sampling failed: {token}")
-                elif self._accept_token(seq, token):
-                    self._release(seq, seq.status)
-
-    def _release(self, seq: DecodeSequence, status: SeqStatus) -> None:
-        """Free a running request's row, keeping rows dense (lock held)."""
-        for move in self.scheduler.finish(seq, status):
-            self.runner.move(*move)
-
-    # --- per-token bookkeeping ----------------------------------------------------------------
-    def _accept_token(self, seq: DecodeSequence, token: int) -> bool:
-        """Record a token, emit its text; True when the request has finished (its last event sent)."""
-        job: _Job = seq.payload
-        seq.output_token_ids.append(token)
-        try:
-            text = job.detok.add(token)
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                text += job.detok.flush()
+            text = seq.detok.add(token)
+            moves = self.scheduler.append_token(seq, token, seq.detok.is_stopped, time.time())
+            if seq.is_finished:
+                text += seq.detok.flush()
         except Exception as e:
             log.exception("detokenizing request %s failed", seq.request_id)
-            self._error_event(seq, f"detokenizing failed: {e}")
-            return True
+            return self._fail(seq, ErrorKind.INTERNAL, f"detokenizing failed: {e}")
         index = len(seq.output_token_ids) - 1
-        if reason is None:
+        if not seq.is_finished:
             if self._emit(seq, TokenEvent(seq.request_id, [token], text, first_token_index=index)):
-                return False
-            reason = "abort"  # nobody can take its events any more
-        else:
-            self._emit(seq, TokenEvent(seq.request_id, [token], text, finish_reason=reason,
-                                       num_prompt_tokens=seq.num_prompt_tokens,
-                                       num_output_tokens=len(seq.output_token_ids),
-                                       timings={"decode_s": time.monotonic() - job.arrived_s},
-                                       first_token_index=index))
+                return moves
+            self._by_id.pop(seq.request_id, None)  # nobody can take its events any more
+            return self.scheduler.end(seq, FinishReason.ABORT)
         self._by_id.pop(seq.request_id, None)
-        seq.status = _STATUS_FOR[reason]
-        return True
+        self._emit(seq, TokenEvent(seq.request_id, [token], text, finish_reason=seq.finish_reason,
+                                   num_prompt_tokens=seq.num_prompt_tokens,
+                                   num_output_tokens=len(seq.output_token_ids),
+                                   timings={"decode_s": time.monotonic() - seq.arrived_s}, first_token_index=index))
+        return moves
 
-    def _finish_reason(self, seq: DecodeSequence, token: int) -> str | None:
-        job: _Job = seq.payload
-        params = job.handoff.sampling
-        if job.detok.is_stopped or (token in self.loaded.config.eos_token_ids and not params.ignore_eos):
-            return "stop"
-        if len(seq.output_token_ids) >= params.max_new_tokens:
-            return "length"
-        if job.handoff.deadline_s is not None and time.time() > job.handoff.deadline_s:
-            return "abort"
-        return None
-
-    def _emit(self, seq: DecodeSequence, event: TokenEvent) -> bool:
+    def _emit(self, seq: Sequence, event: TokenEvent) -> bool:
         """Deliver one event; False when the consumer cannot take it (the request is then dropped)."""
         try:
-            seq.payload.sink(event)
+            seq.sink(event)
         except Exception:
             log.warning("could not deliver an event of request %s; dropping it", seq.request_id, exc_info=True)
             self.metrics.row_failures.labels("decode").inc()
             return False
         return True
 
-    def _finish_event(self, seq: DecodeSequence) -> None:
+    def _emit_aborted(self, seq: Sequence) -> None:
         self._by_id.pop(seq.request_id, None)
-        self._emit(seq, TokenEvent(seq.request_id, [], seq.payload.detok.flush(), finish_reason="abort",
+        self._emit(seq, TokenEvent(seq.request_id, [], seq.detok.flush(), finish_reason=FinishReason.ABORT,
                                    num_prompt_tokens=seq.num_prompt_tokens,
                                    num_output_tokens=len(seq.output_token_ids),
                                    first_token_index=len(seq.output_token_ids)))
 
-    def _error_event(self, seq: DecodeSequence, message: str, status: int = 500) -> None:
-        """Send a request's final error event and forget it (lock held; its row is not released)."""
-        self.metrics.row_failures.labels("decode").inc()
+    def _fail(self, seq: Sequence, kind: ErrorKind, message: str, is_row_failure: bool = True) -> list[KVMove]:
+        """End one request with an error event, wherever it is; returns the KV moves if it left a row."""
+        if is_row_failure:
+            self.metrics.row_failures.labels("decode").inc()
         self._by_id.pop(seq.request_id, None)
-        seq.status = SeqStatus.FINISHED_ABORTED
-        self._emit(seq, _error(seq, message, status))
-
-    def _fail_row(self, seq: DecodeSequence, message: str) -> None:
-        """Fail one running request and free its row (lock held)."""
-        self._error_event(seq, message)
-        self._release(seq, SeqStatus.FINISHED_ABORTED)
-
-    def _fail(self, running: list[DecodeSequence], message: str) -> None:
-        with self._lock:
-            for seq in running:
-                if seq.status is SeqStatus.RUNNING:
-                    self._release(seq, SeqStatus.FINISHED_ABORTED)
-                self._by_id.pop(seq.request_id, None)
-                self._emit(seq, _error(seq, message, 500))
-
-    def _fail_all(self, message: str) -> None:
-        """Every waiting and running request gets an error event; the scheduler is emptied (lock held)."""
-        for seq in self.scheduler.drop_all():
-            self._emit(seq, _error(seq, message, 503))
-        self._by_id.clear()
+        moves = self.scheduler.end(seq, FinishReason.ERROR)
+        self._emit(seq, TokenEvent.failure(seq.request_id, kind, message))
+        return moves
 
 
-_STATUS_FOR = {"stop": SeqStatus.FINISHED_STOP, "length": SeqStatus.FINISHED_LENGTH,
-               "abort": SeqStatus.FINISHED_ABORTED}
-
-
-def _error(seq: DecodeSequence, message: str, status: int) -> TokenEvent:
-    return TokenEvent(seq.request_id, [], "", finish_reason="error", error=message, error_status=status)
-
-
-def _sample_or_error(logits, params, index: int) -> int | Exception:
+def _sample_or_error(logits: torch.Tensor, params: SamplingParams, index: int) -> int | Exception:
     try:
         return sample_one(logits, params, index)
     except Exception as e:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from kv_transfer.handoff import KVHandoff
+from kv_transfer.outcome import ErrorKind, FinishReason, error_kind, refusal_message
 
 
 @dataclass
@@ -16,9 +17,9 @@ class TokenEvent:
     request_id: str  # the request this belongs to
     token_ids: list[int]  # newly generated token ids since the previous event
     text: str  # newly stable text since the previous event
-    finish_reason: str | None = None  # set on the last event: stop | length | abort | error
-    error: str | None = None  # why the request failed, when finish_reason == "error"
-    error_status: int = 503  # HTTP status the front door should answer an error with
+    finish_reason: FinishReason | None = None  # set on the last event
+    error: str | None = None  # why the request failed, when finish_reason is ERROR
+    error_kind: ErrorKind | None = None  # how it failed, when finish_reason is ERROR
     num_prompt_tokens: int = 0  # usage, on the last event
     num_output_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # e.g. queue_s, decode_s, on the last event
@@ -27,6 +28,16 @@ class TokenEvent:
     @property
     def is_final(self) -> bool:
         return self.finish_reason is not None
+
+    @classmethod
+    def failure(cls, request_id: str, kind: ErrorKind, message: str, num_prompt_tokens: int = 0) -> TokenEvent:
+        """The last event of a request that failed: the one way every layer reports a failure."""
+        return cls(request_id, [], "", FinishReason.ERROR, message, kind, num_prompt_tokens)
+
+    @classmethod
+    def refused(cls, request_id: str, e: BaseException) -> TokenEvent:
+        """The failure event for a handoff that decode refused or could not take (raised as `e`)."""
+        return cls.failure(request_id, error_kind(e), refusal_message(e))
 
 
 EventSink = Callable[[TokenEvent], None]

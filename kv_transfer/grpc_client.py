@@ -1,8 +1,9 @@
 """gRPC sender on the prefill side: streams the handoff to decode and relays its tokens.
 
 One aio channel on a private event-loop thread serves every request; `send()` returns at once and
-events arrive on the request's sink. Failures become error events with an HTTP status for the front
-door: decode unreachable 503, deadline passed 504, refused handoff 502.
+events arrive on the request's sink. Failures become error events of the kind the gRPC status stands
+for: decode unreachable (unavailable), deadline passed (timeout), too busy (queue_full), a broken call
+(transport).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import grpc
 from kv_transfer.base import EventSink, KVSender, TokenEvent
 from kv_transfer.grpc_server import CHANNEL_OPTIONS, SECRET_HEADER, TLSFiles
 from kv_transfer.handoff import KVHandoff
+from kv_transfer.outcome import ErrorKind
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.protos import kv_handoff_pb2_grpc as pb_grpc
 from kv_transfer.wire import chunks, encode_handoff, event_from_proto
 
-_STATUS_FOR = {grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.CANCELLED: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-               grpc.StatusCode.UNAUTHENTICATED: 502, grpc.StatusCode.RESOURCE_EXHAUSTED: 429}
+_KIND_FOR = {grpc.StatusCode.UNAVAILABLE: ErrorKind.UNAVAILABLE, grpc.StatusCode.CANCELLED: ErrorKind.UNAVAILABLE,
+             grpc.StatusCode.DEADLINE_EXCEEDED: ErrorKind.TIMEOUT,
+             grpc.StatusCode.RESOURCE_EXHAUSTED: ErrorKind.QUEUE_FULL}
 
 
 class GrpcSender(KVSender):
@@ -71,7 +74,8 @@ class GrpcSender(KVSender):
                 sink(event)
                 if finished:
                     return
-            sink(_error(request_id, "decode closed the stream before the request finished", 502))
+            sink(TokenEvent.failure(request_id, ErrorKind.TRANSPORT, "decode closed the stream before the request "
+                                    "finished"))
         except asyncio.CancelledError:
             pass  # aborted by us: the client is gone
         except grpc.aio.AioRpcError as e:
@@ -82,7 +86,7 @@ class GrpcSender(KVSender):
                 sink(_rpc_error(request_id, e.code(), e.details()))
         except Exception as e:  # anything else still ends the request, never leaves it waiting
             if not finished:
-                sink(_error(request_id, f"gRPC transport failed: {e!r}", 502))
+                sink(TokenEvent.failure(request_id, ErrorKind.TRANSPORT, f"gRPC transport failed: {e!r}"))
         finally:
             self._calls.pop(request_id, None)
 
@@ -144,8 +148,5 @@ async def _status_error(request_id: str, call: grpc.aio.StreamStreamCall) -> Tok
 
 
 def _rpc_error(request_id: str, code: grpc.StatusCode, details: str | None) -> TokenEvent:
-    return _error(request_id, f"decode service unavailable ({code.name}): {details}", _STATUS_FOR.get(code, 502))
-
-
-def _error(request_id: str, message: str, status: int) -> TokenEvent:
-    return TokenEvent(request_id, [], "", finish_reason="error", error=message, error_status=status)
+    return TokenEvent.failure(request_id, _KIND_FOR.get(code, ErrorKind.TRANSPORT),
+                              f"decode service unavailable ({code.name}): {details}")

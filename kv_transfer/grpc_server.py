@@ -19,10 +19,10 @@ import grpc
 
 from kv_transfer.base import DecodeBackend, TokenEvent
 from kv_transfer.handoff import HandoffError
+from kv_transfer.outcome import EngineUnavailableError, QueueFullError
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.protos import kv_handoff_pb2_grpc as pb_grpc
 from kv_transfer.wire import KVLimits, check_header, event_to_proto, handoff_from_proto, kv_checksum, parse_header
-from prad.errors import EngineUnavailableError, QueueFullError
 
 log = logging.getLogger(__name__)
 SECRET_HEADER = "x-prad-secret"
@@ -40,10 +40,6 @@ class TLSFiles:
     cert: str | None = None  # server certificate (PEM)
     key: str | None = None  # server private key (PEM)
     ca: str | None = None  # CA bundle the client trusts (PEM)
-
-
-def _error(request_id: str, message: str, status: int) -> pb.TokenEvent:
-    return pb.TokenEvent(request_id=request_id, finish_reason="error", error=message, error_status=status)
 
 
 class SecretInterceptor(grpc.aio.ServerInterceptor):
@@ -88,7 +84,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         try:
             header, data, crc = await _read_handoff(requests, self.limits)
         except HandoffError as e:
-            yield _error("", str(e), 502)
+            yield event_to_proto(TokenEvent.refused("", e), 0)
             return
         if header is None:
             return  # cancelled before the KV arrived: nothing was admitted
@@ -119,14 +115,8 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         """Admit the handoff; an error event when refused (nothing half-admitted)."""
         try:
             self.backend.submit(handoff_from_proto(header, data, crc), sink)
-        except HandoffError as e:
-            return _error(header.request_id, f"decode refused the KV handoff: {e}", 502)
-        except QueueFullError as e:
-            return _error(header.request_id, f"server busy: {e}; retry later", 429)
-        except EngineUnavailableError as e:
-            return _error(header.request_id, f"decode engine unavailable: {e}", 503)
-        except ValueError as e:
-            return _error(header.request_id, str(e), 400)
+        except (ValueError, QueueFullError, EngineUnavailableError) as e:  # HandoffError is a ValueError
+            return event_to_proto(TokenEvent.refused(header.request_id, e), 0)
         return None
 
 

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kv_transfer.outcome import HandoffError
 from prad.sampling import SamplingParams
 
-
-class HandoffError(ValueError):
-    """A handoff the receiver refuses (fingerprint, layout, size or checksum mismatch)."""
+__all__ = ["HandoffError", "KVHandoff", "KVLayout", "check_handoff"]
 
 
 @dataclass(frozen=True)

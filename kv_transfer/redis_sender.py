@@ -5,12 +5,12 @@ One reader thread follows the token streams of every request in flight with a si
 that takes over a dead one's job replays it, and DedupSink drops the tokens already delivered.
 
 No request waits on a decode side that is gone:
-* `send` refuses at once (503) when no decode replica is alive (looked up at most every LIVENESS_TTL_S);
+* `send` refuses at once (unavailable) when no decode replica is alive (looked up at most every LIVENESS_TTL_S);
 * once a second the reader checks the requests it follows: a job whose pending entry has not been
   heartbeated for `replica_lost_s` (its replica died and none took it over), any request while no
   replica at all has been alive for `replica_lost_s`, and any request whose token stream is gone
-  (Redis restarted empty, or evicted it) fails with a 503 and its job is removed;
-* a lost Redis connection fails every request in flight with a 503; their jobs are removed once
+  (Redis restarted empty, or evicted it) fails as unavailable and its job is removed;
+* a lost Redis connection fails every request in flight as unavailable; their jobs are removed once
   Redis answers again, so decode drops them.
 """
 
@@ -27,6 +27,7 @@ import redis
 
 from kv_transfer.base import DedupSink, EventSink, KVSender, TokenEvent
 from kv_transfer.handoff import KVHandoff
+from kv_transfer.outcome import ErrorKind
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.redis_keys import GROUP, RedisKeys
 from kv_transfer.wire import encode_handoff, event_from_proto
@@ -52,7 +53,7 @@ return n
 
 
 class NoDecodeReplicaError(RuntimeError):
-    """No decode replica is alive: the request is refused (503) instead of waiting for one."""
+    """No decode replica is alive: the request is refused (unavailable) instead of waiting for one."""
 
 
 def connect(url: str) -> redis.Redis:
@@ -98,7 +99,7 @@ class RedisSender(KVSender):
         self._thread.start()
 
     def send(self, handoff: KVHandoff, sink: EventSink) -> None:
-        """Store the KV and queue the job; raises NoDecodeReplicaError or redis errors (the caller answers 503)."""
+        """Store the KV and queue the job; raises NoDecodeReplicaError or redis errors (both: unavailable)."""
         if not self._replica_alive():
             raise NoDecodeReplicaError("no decode replica is alive on Redis")
         header, data = encode_handoff(handoff)
@@ -220,20 +221,20 @@ class RedisSender(KVSender):
         with contextlib.suppress(redis.RedisError):  # else the stream's TTL removes it
             self.redis.delete(self.keys.tokens(request_id))
 
-    def _give_up(self, request_ids: list[str], message: str, status: int) -> None:
+    def _give_up(self, request_ids: list[str], kind: ErrorKind, message: str) -> None:
         """End these requests with an error event and retire their jobs."""
         for rid in request_ids:
             with self._lock:
                 follow = self._follows.pop(rid, None)
             if follow is not None:
-                follow.sink(TokenEvent(rid, [], "", finish_reason="error", error=message, error_status=status))
+                follow.sink(TokenEvent.failure(rid, kind, message))
                 self._retire(rid, follow.job_id)
 
     def _expire(self) -> None:
         now = time.time()
         with self._lock:
             late = [r for r, f in self._follows.items() if now > f.deadline_s + 5.0]
-        self._give_up(late, "no answer from decode in time", 504)
+        self._give_up(late, ErrorKind.TIMEOUT, "no answer from decode in time")
 
     def _check_follows(self) -> None:
         """Fail the requests decode has shown no life for in replica_lost_s, and those whose token stream
@@ -258,8 +259,9 @@ class RedisSender(KVSender):
             return
         if lost or gone:
             log.warning("%d request(s) lost their decode replica, %d their token stream", len(lost), len(gone))
-        self._give_up(lost, f"decode replica lost and none took over within {self.replica_lost_s:g} s", 503)
-        self._give_up(gone, "token stream lost (Redis restarted or evicted it)", 503)
+        self._give_up(lost, ErrorKind.UNAVAILABLE,
+                      f"decode replica lost and none took over within {self.replica_lost_s:g} s")
+        self._give_up(gone, ErrorKind.UNAVAILABLE, "token stream lost (Redis restarted or evicted it)")
 
     def _missing_streams(self, request_ids: list[str]) -> list[str]:
         """The requests whose token stream does not exist (one EXISTS for all; per key only on a miss)."""
@@ -296,4 +298,4 @@ class RedisSender(KVSender):
             for rid, follow in list(follows.items())[:MAX_ORPHANS - len(self._orphans)]:
                 self._orphans[rid] = follow.job_id
         for rid, follow in follows.items():
-            follow.sink(TokenEvent(rid, [], "", finish_reason="error", error=message, error_status=503))
+            follow.sink(TokenEvent.failure(rid, ErrorKind.UNAVAILABLE, message))

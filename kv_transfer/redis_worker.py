@@ -26,10 +26,10 @@ import redis
 
 from kv_transfer.base import DecodeBackend, TokenEvent
 from kv_transfer.handoff import HandoffError
+from kv_transfer.outcome import EngineUnavailableError, QueueFullError
 from kv_transfer.redis_keys import GROUP, RedisKeys
 from kv_transfer.redis_sender import connect
 from kv_transfer.wire import KVLimits, check_header, event_to_proto, handoff_from_proto, parse_header
-from prad.errors import EngineUnavailableError, QueueFullError
 
 log = logging.getLogger(__name__)
 BLOCK_MS = 500
@@ -175,21 +175,15 @@ class RedisDecodeWorker:
         try:
             check_header(header, self.limits)  # before the KV blob is fetched
         except HandoffError as e:
-            self._refuse(rid, f"decode refused the KV handoff: {e}", 502)
+            self._refuse(rid, e)
             return
         data = self._fetch_kv(rid, entry_id, header.num_kv_bytes)
         if data is None:
             return
         try:
             self.backend.submit(handoff_from_proto(header, data), lambda ev: self._outbox.put((rid, ev)))
-        except HandoffError as e:
-            self._refuse(rid, f"decode refused the KV handoff: {e}", 502)
-        except QueueFullError as e:
-            self._refuse(rid, f"server busy: {e}; retry later", 429)
-        except EngineUnavailableError as e:
-            self._refuse(rid, f"decode engine unavailable: {e}", 503)
-        except ValueError as e:
-            self._refuse(rid, str(e), 400)
+        except (ValueError, QueueFullError, EngineUnavailableError) as e:  # HandoffError is a ValueError
+            self._refuse(rid, e)
         else:
             with self._lock:
                 is_unread = rid in self._aborted
@@ -209,12 +203,11 @@ class RedisDecodeWorker:
             self._finish_job(entry_id, rid)
             return None
         if num_bytes not in (0, num_kv_bytes):
-            self._refuse(rid, f"decode refused the KV handoff: KV blob has {num_bytes} bytes, header announced "
-                         f"{num_kv_bytes}", 502)
+            self._refuse(rid, HandoffError(f"KV blob has {num_bytes} bytes, header announced {num_kv_bytes}"))
             return None
         data = self.redis.get(self.keys.kv(rid)) if num_bytes else None
         if data is None:
-            self._refuse(rid, "KV for this request expired or was already consumed", 502)
+            self._refuse(rid, HandoffError("KV for this request expired or was already consumed"))
         return data
 
     def _drop_unread(self) -> None:
@@ -249,8 +242,8 @@ class RedisDecodeWorker:
                 self._aborted.add(rid)
             self.backend.abort(rid)
 
-    def _refuse(self, rid: str, message: str, status: int) -> None:
-        self._outbox.put((rid, TokenEvent(rid, [], "", finish_reason="error", error=message, error_status=status)))
+    def _refuse(self, rid: str, e: Exception) -> None:
+        self._outbox.put((rid, TokenEvent.refused(rid, e)))
 
     def _finish_job(self, entry_id: bytes, rid: str | None) -> None:
         pipe = self.redis.pipeline(transaction=True)

@@ -19,6 +19,7 @@ import torch
 
 from kv_transfer.base import TokenEvent
 from kv_transfer.handoff import HandoffError, KVHandoff, KVLayout
+from kv_transfer.outcome import FinishReason, parse_error_kind, parse_finish_reason
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from prad.sampling import SamplingParams
 
@@ -155,14 +156,15 @@ def handoff_from_proto(header: pb.HandoffHeader, kv_bytes: bytes | bytearray, cr
 def event_to_proto(event: TokenEvent, first_token_index: int) -> pb.TokenEvent:
     return pb.TokenEvent(request_id=event.request_id, token_ids=event.token_ids, text=event.text,
                          finish_reason=event.finish_reason or "", error=event.error or "",
-                         error_status=event.error_status, num_prompt_tokens=event.num_prompt_tokens,
+                         error_kind=event.error_kind or "", num_prompt_tokens=event.num_prompt_tokens,
                          num_output_tokens=event.num_output_tokens, first_token_index=first_token_index)
 
 
 def event_from_proto(msg: pb.TokenEvent) -> TokenEvent:
-    return TokenEvent(msg.request_id, list(msg.token_ids), msg.text, msg.finish_reason or None, msg.error or None,
-                      msg.error_status or 503, msg.num_prompt_tokens, msg.num_output_tokens,
-                      first_token_index=msg.first_token_index)
+    reason = parse_finish_reason(msg.finish_reason)
+    kind = parse_error_kind(msg.error_kind) if reason is FinishReason.ERROR else None
+    return TokenEvent(msg.request_id, list(msg.token_ids), msg.text, reason, msg.error or None, kind,
+                      msg.num_prompt_tokens, msg.num_output_tokens, first_token_index=msg.first_token_index)
 
 
 def chunks(data: bytes, size: int = CHUNK_BYTES) -> list[memoryview]:

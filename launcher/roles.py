@@ -32,14 +32,14 @@ from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.wire import KVLimits
 from launcher.settings import ServeSettings
 from launcher.watchdog import Watchdog
-from prad.engine_loop import EngineLoop
 from prad.loading import LoadedModel, load_model
-from prad.metrics import Metrics
 from prefill_service.adapter_cache import AdapterCache
 from prefill_service.admin_api import AdminService, build_admin_router
 from prefill_service.app import create_app
 from prefill_service.engine import PrefillConfig, PrefillEngine
 from prefill_service.service import PrefillService
+from serving.engine_loop import EngineLoop
+from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

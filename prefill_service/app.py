@@ -7,9 +7,9 @@ import hmac
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_store.base import UnknownTaskError
 from kv_transfer.base import TokenEvent
+from kv_transfer.outcome import ErrorKind, FinishReason
 from prefill_service.admin_api import AdminRouter, admin_token_problem
 from prefill_service.api_models import (
     SSE,
@@ -30,7 +31,9 @@ from prefill_service.api_models import (
     Usage,
     error_responses,
 )
-from prefill_service.openai_api import CLIENT_CLOSED_REQUEST, build_router, openai_error
+from prefill_service.deps import ServiceDep
+from prefill_service.http_errors import CLIENT_CLOSED_REQUEST, error_response, http_status, openai_error, stream_error
+from prefill_service.openai_api import build_router
 from prefill_service.service import (
     PrefillService,
     PreparedRequest,
@@ -43,13 +46,6 @@ MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_BODY_TIMEOUT_S = 60.0  # a request body must arrive within this long of its headers
 CLOSE = {"Connection": "close"}  # a refused body is not drained: the connection goes
 GENERATE_ERRORS = (400, 401, 404, 408, 413, 422, 429, 502, 503, 504)
-
-
-def get_service(request: Request) -> PrefillService:
-    return request.app.state.service
-
-
-ServiceDep = Annotated[PrefillService, Depends(get_service)]
 
 
 KEYED_PATHS = ("/v1/", "/generate", "/tasks")  # what --api-key protects
@@ -86,7 +82,7 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(request.url.path, exc.status, exc.message)
+        return error_response(request.url.path, http_status(exc.kind), exc.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -96,7 +92,7 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        request.app.state.service.count_error("invalid", 422)
+        request.app.state.service.count_error("invalid", ErrorKind.INVALID)
         errors = exc.errors()
         if request.url.path.startswith("/v1/"):
             first = errors[0] if errors else {}
@@ -140,7 +136,7 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
             return StreamingResponse(_sse(prepared, events), media_type="text/event-stream")
         return await _collect(prepared, events, request)
 
-    app.include_router(build_router(get_service))
+    app.include_router(build_router())
     if admin_router is not None:
         app.include_router(admin_router)
     return app
@@ -151,13 +147,6 @@ def health_response(problems: dict[str, str]) -> JSONResponse:
     if problems:
         return JSONResponse({"status": "failing", "problems": problems}, status_code=503)
     return JSONResponse({"status": "ok"})
-
-
-def error_response(path: str, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """An error body: OpenAI's shape under /v1/, {"detail": message} elsewhere."""
-    if path.startswith("/v1/"):
-        return openai_error(status, message, headers=headers)
-    return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
 class BodyRejected(HTTPException):
@@ -304,8 +293,9 @@ async def _sse(req: PreparedRequest, events: AsyncIterator[TokenEvent]) -> Async
                 payload.update(finish_reason=event.finish_reason, task=req.task,
                                adapter_version=req.adapter_version,
                                usage={"prompt_tokens": len(req.prompt_token_ids), "completion_tokens": num_tokens})
-                if event.error:
-                    payload["error"] = {"message": event.error, "status": event.error_status}
+                if event.finish_reason is FinishReason.ERROR:
+                    payload["error"] = stream_error(event.error_kind, event.error or "request failed")
             yield f"data: {json.dumps(payload)}\n\n"
     except ServiceError as e:
-        yield f"data: {json.dumps({'request_id': req.request_id, 'error': {'message': e.message, 'status': e.status}, 'finish_reason': 'error'})}\n\n"  # noqa: E501
+        payload = {"request_id": req.request_id, "error": stream_error(e.kind, e.message), "finish_reason": "error"}
+        yield f"data: {json.dumps(payload)}\n\n"

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from starlette.concurrency import run_in_threadpool
 
 from kv_transfer.base import TokenEvent
+from kv_transfer.outcome import ErrorKind, FinishReason
 from prad.sampling import MAX_SEED, MAX_STOP_STRINGS
 from prefill_service.api_models import (
     MAX_NEW_TOKENS,
@@ -33,6 +34,8 @@ from prefill_service.api_models import (
     StopString,
     error_responses,
 )
+from prefill_service.deps import ServiceDep
+from prefill_service.http_errors import CLIENT_CLOSED_REQUEST, openai_stream_error
 from prefill_service.service import (
     PrefillService,
     PreparedRequest,
@@ -43,7 +46,6 @@ from prefill_service.service import (
 
 MAX_MESSAGES = 256
 PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-CLIENT_CLOSED_REQUEST = 499  # nginx's "client closed request": the client is gone, only the access log sees it
 MAX_USER_CHARS = 256
 
 # OpenAI fields this server does not implement, with the values that ask for nothing (accepted, like
@@ -148,20 +150,6 @@ class ChatRequest(_Sampling):
     response_format: TextFormat | None = _unsupported('{"type": "text"}')
 
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 408: "invalid_request_error", 409: "invalid_request_error",
-               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
-
-
-def openai_error(status: int, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> JSONResponse:
-    """An error in OpenAI's shape; 422 (our validation status) is answered as OpenAI's 400."""
-    status = 400 if status == 422 else status
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
-                      "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 def _to_generate(body: _Sampling, prompt: str | None, max_tokens: int | None,
                  task_input: str | None = None) -> GenerateRequest:
     stop: list[str] = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
@@ -170,25 +158,24 @@ def _to_generate(body: _Sampling, prompt: str | None, max_tokens: int | None,
                                temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,
                                stream=body.stream)
     except ValidationError as e:
-        raise ServiceError(400, "; ".join(err["msg"] for err in e.errors())) from e
+        raise ServiceError(ErrorKind.INVALID, "; ".join(err["msg"] for err in e.errors())) from e
 
 
 def _completion_prompt(body: CompletionRequest) -> str | None:
     if isinstance(body.prompt, list):
         if len(body.prompt) != 1:
-            raise ServiceError(400, "prompt: exactly one prompt per request is supported")
+            raise ServiceError(ErrorKind.INVALID, "prompt: exactly one prompt per request is supported")
         return body.prompt[0]
     return body.prompt
 
 
-def build_router(get_service: Any) -> APIRouter:
+def build_router() -> APIRouter:
     """The /v1 routes. Their validation errors are OpenAI 400s (app.py): the OpenAPI document lists 400
     and no 422 for them."""
     router = APIRouter(prefix="/v1")
 
     @router.get("/models", response_model=ModelList, responses=error_responses(401, openai=True))
-    async def models(request: Request) -> dict[str, Any]:
-        service: PrefillService = get_service(request)
+    async def models(service: ServiceDep) -> dict[str, Any]:
         tasks = ["base", *service.adapters.tasks()]
         return {"object": "list", "data": [{"id": t, "object": "model", "created": 0, "owned_by": "prad"}
                                            for t in tasks]}
@@ -196,8 +183,7 @@ def build_router(get_service: Any) -> APIRouter:
     @router.post("/completions", response_model=None,
                  responses={200: {"model": CompletionResponse, "content": SSE},
                             **error_responses(*SERVING_ERRORS, openai=True)})
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        service: PrefillService = get_service(request)
+    async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Response:
         service.check_admission(body.model)
         gen = _to_generate(body, _completion_prompt(body), body.max_tokens, body.input)
         return await _run(service, gen, "text_completion", request, _include_usage(body))
@@ -205,8 +191,7 @@ def build_router(get_service: Any) -> APIRouter:
     @router.post("/chat/completions", response_model=None,
                  responses={200: {"model": ChatCompletionResponse, "content": SSE},
                             **error_responses(*SERVING_ERRORS, openai=True)})
-    async def chat(body: ChatRequest, request: Request) -> Response:
-        service: PrefillService = get_service(request)
+    async def chat(body: ChatRequest, request: Request, service: ServiceDep) -> Response:
         service.check_admission(body.model)
         messages = [m.model_dump() for m in body.messages]
         prompt = service.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -263,8 +248,8 @@ async def _stream(req: PreparedRequest, events: AsyncIterator[TokenEvent], kind:
     try:
         async for event in events:
             num_tokens += len(event.token_ids)
-            if event.finish_reason == "error":
-                yield f"data: {json.dumps({'error': {'message': event.error, 'code': event.error_status}})}\n\n"
+            if event.finish_reason is FinishReason.ERROR:
+                yield f"data: {json.dumps(openai_stream_error(event.error_kind, event.error or 'request failed'))}\n\n"
                 break
             if event.text:
                 piece = {"content": event.text} if chat else None
@@ -276,7 +261,7 @@ async def _stream(req: PreparedRequest, events: AsyncIterator[TokenEvent], kind:
                 if include_usage:
                     yield _chunk(req, obj, None, usage=_usage(req, num_tokens))
     except ServiceError as e:
-        yield f"data: {json.dumps({'error': {'message': e.message, 'code': e.status}})}\n\n"
+        yield f"data: {json.dumps(openai_stream_error(e.kind, e.message))}\n\n"
     yield "data: [DONE]\n\n"
 
 

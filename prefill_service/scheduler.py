@@ -11,17 +11,16 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, TypeVar
 
-from prad.errors import QueueFullError
+from kv_transfer.outcome import QueueFullError
 
 
 class PrefillStatus(enum.Enum):
     WAITING = "waiting"
     PREFILLING = "prefilling"  # some chunks done
-    SENDING = "sending"  # first token sampled, KV handed to the transport
-    DONE = "done"
-    ABORTED = "aborted"
+    DONE = "done"  # prompt complete: it left the scheduler, the engine hands its KV over
+    ABORTED = "aborted"  # aborted or failed before its prompt completed
 
 
 @dataclass
@@ -29,7 +28,6 @@ class PrefillRequest:
     request_id: str
     task: str
     prompt_token_ids: list[int]
-    payload: Any = None  # engine-side state (adapter, sampling, sink, partial KV); opaque here
     num_computed_tokens: int = 0  # prompt tokens whose KV exists already (earlier chunks)
     status: PrefillStatus = PrefillStatus.WAITING
     is_abort_requested: bool = False
@@ -39,9 +37,12 @@ class PrefillRequest:
         return len(self.prompt_token_ids) - self.num_computed_tokens
 
 
+R = TypeVar("R", bound=PrefillRequest)  # the engine's own request type (it adds adapter, sampling, sink)
+
+
 @dataclass
-class PrefillChunk:
-    request: PrefillRequest
+class PrefillChunk(Generic[R]):
+    request: R
     start: int  # first prompt position computed in this step
     end: int  # one past the last
 
@@ -52,16 +53,16 @@ class PrefillChunk:
 
 
 @dataclass
-class PrefillBatch:
-    chunks: list[PrefillChunk] = field(default_factory=list)
-    aborted: list[PrefillRequest] = field(default_factory=list)
+class PrefillBatch(Generic[R]):
+    chunks: list[PrefillChunk[R]] = field(default_factory=list)
+    aborted: list[R] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return sum(c.end - c.start for c in self.chunks)
 
 
-class PrefillScheduler:
+class PrefillScheduler(Generic[R]):
     def __init__(self, max_prefill_tokens: int, max_batch_size: int, max_waiting: int) -> None:
         if max_prefill_tokens < 1 or max_batch_size < 1 or max_waiting < 1:
             raise ValueError(f"bad prefill bounds: tokens={max_prefill_tokens} batch={max_batch_size} "
@@ -69,21 +70,21 @@ class PrefillScheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
-        self.waiting: deque[PrefillRequest] = deque()
+        self.waiting: deque[R] = deque()
 
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    def add(self, request: PrefillRequest) -> None:
+    def add(self, request: R) -> None:
         if not request.prompt_token_ids:
             raise ValueError("empty prompt")
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError(f"prefill queue full ({self.max_waiting} waiting)")
         self.waiting.append(request)
 
-    def schedule(self) -> PrefillBatch:
-        batch = PrefillBatch()
+    def schedule(self) -> PrefillBatch[R]:
+        batch: PrefillBatch[R] = PrefillBatch()
         for request in [r for r in self.waiting if r.is_abort_requested]:
             self.waiting.remove(request)
             request.status = PrefillStatus.ABORTED
@@ -98,13 +99,13 @@ class PrefillScheduler:
             budget -= take
         return batch
 
-    def drop(self, request: PrefillRequest) -> None:
+    def drop(self, request: R) -> None:
         """Remove a request that failed (no-op if it already left the queue)."""
         if request in self.waiting:
             self.waiting.remove(request)
         request.status = PrefillStatus.ABORTED
 
-    def drop_all(self) -> list[PrefillRequest]:
+    def drop_all(self) -> list[R]:
         """Remove and return every waiting request (the engine stopped)."""
         dropped = list(self.waiting)
         self.waiting.clear()
@@ -112,13 +113,13 @@ class PrefillScheduler:
             request.status = PrefillStatus.ABORTED
         return dropped
 
-    def update(self, batch: PrefillBatch) -> list[PrefillRequest]:
+    def update(self, batch: PrefillBatch[R]) -> list[R]:
         """Record the step's progress; returns requests whose prompt is now complete (dequeued)."""
         done = []
         for chunk in batch.chunks:
             chunk.request.num_computed_tokens = chunk.end
             if chunk.is_last:
-                chunk.request.status = PrefillStatus.SENDING
+                chunk.request.status = PrefillStatus.DONE
                 self.waiting.remove(chunk.request)
                 done.append(chunk.request)
             else:

@@ -1,7 +1,8 @@
 """The front door's logic, apart from HTTP: resolve the task, tokenize, check limits, run a request.
 
-`PrefillService.generate()` yields TokenEvents for one request; the HTTP layer turns them into JSON
-or SSE. Errors that the client caused or must know about are raised as ServiceError(status, message).
+`PrefillService.submit()` returns the TokenEvents of one request; the HTTP layer turns them into JSON
+or SSE. Errors that the client caused or must know about are raised as ServiceError(kind, message);
+prefill_service/http_errors.py alone turns kinds into HTTP statuses.
 """
 
 from __future__ import annotations
@@ -18,26 +19,24 @@ from typing import Any
 
 from adapters_store.base import UnknownTaskError
 from kv_transfer.base import TokenEvent, merge_events
+from kv_transfer.outcome import EngineUnavailableError, ErrorKind, FinishReason, QueueFullError
 from prad.adapters import Adapter, AdapterError
-from prad.errors import EngineUnavailableError, QueueFullError
 from prad.loading import LoadedModel
-from prad.metrics import Metrics
 from prad.sampling import MAX_SEED, SamplingParams
 from prefill_service.adapter_cache import AdapterCache
 from prefill_service.api_models import GenerateRequest
 from prefill_service.engine import PrefillEngine
+from serving.metrics import Metrics
 
 BASE_TASK = "base"
-ERROR_KINDS = {400: "invalid", 404: "unknown_task", 413: "too_long", 422: "invalid", 429: "queue_full",
-               502: "kv_rejected", 503: "unavailable", 504: "timeout"}
 
 log = logging.getLogger("prad.requests")
 
 
 class ServiceError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, kind: ErrorKind, message: str) -> None:
         super().__init__(message)
-        self.status = status
+        self.kind = kind
         self.message = message
 
 
@@ -55,8 +54,8 @@ class PreparedRequest:
 async def collect(events: AsyncIterator[TokenEvent]) -> TokenEvent:
     """A whole request's output as one event, for non-streaming responses; ServiceError if it failed."""
     result = merge_events([event async for event in events])
-    if result.finish_reason == "error":
-        raise ServiceError(result.error_status, result.error or "request failed")
+    if result.finish_reason is FinishReason.ERROR:
+        raise ServiceError(result.error_kind or ErrorKind.INTERNAL, result.error or "request failed")
     return result
 
 
@@ -102,27 +101,29 @@ class PrefillService:
         try:
             adapter = self.adapters.get(task)
         except UnknownTaskError:
-            raise ServiceError(404, f"unknown task {task!r}; known: {[BASE_TASK, *self.adapters.tasks()]}") from None
+            known = [BASE_TASK, *self.adapters.tasks()]
+            raise ServiceError(ErrorKind.UNKNOWN_TASK, f"unknown task {task!r}; known: {known}") from None
         except (AdapterError, OSError) as e:
-            raise ServiceError(503, f"task {task!r} cannot be served: {e}") from e
+            raise ServiceError(ErrorKind.UNAVAILABLE, f"task {task!r} cannot be served: {e}") from e
         return adapter, adapter.version
 
     def check_admission(self, task: str) -> None:
-        """Cheap refusals first: 503 when the prefill engine is down, 429 when its queue is already full,
-        before prepare() spends time on the adapter and the tokenizer. Under a burst this keeps 429s
-        fast; submit() still makes the binding check."""
+        """Cheap refusals first (the engine down, its queue already full) before prepare() spends time on
+        the adapter and the tokenizer. Under a burst this keeps refusals fast; submit() still makes the
+        binding check."""
         try:
             self.engine.check_accepting()
         except EngineUnavailableError as e:
             raise self._unavailable(self._label(task), e) from e
         max_waiting = self.engine.config.max_waiting
         if self.engine.stats()["num_waiting"] >= max_waiting:
-            self.count_error(self._label(task), 429)
-            raise ServiceError(429, f"server busy: prefill queue full ({max_waiting} waiting); retry later")
+            self.count_error(self._label(task), ErrorKind.QUEUE_FULL)
+            raise ServiceError(ErrorKind.QUEUE_FULL, f"server busy: prefill queue full ({max_waiting} waiting); "
+                                                     "retry later")
 
     def _unavailable(self, label: str, e: EngineUnavailableError) -> ServiceError:
-        self.count_error(label, 503)
-        return ServiceError(503, f"prefill engine unavailable: {e}")
+        self.count_error(label, ErrorKind.UNAVAILABLE)
+        return ServiceError(ErrorKind.UNAVAILABLE, f"prefill engine unavailable: {e}")
 
     def _label(self, task: str) -> str:
         """The task as a metric label; unknown ids never become labels: anyone could mint them."""
@@ -135,12 +136,11 @@ class PrefillService:
             return self._prepare(body, arrived_s)
         except ServiceError as e:
             # Unknown task ids never become labels: anyone could mint them.
-            self.count_error(body.task if e.status != 404 else "unknown", e.status)
+            self.count_error(body.task if e.kind is not ErrorKind.UNKNOWN_TASK else "unknown", e.kind)
             raise
 
-    def count_error(self, task: str, status: int) -> None:
-        kind = ERROR_KINDS.get(status, "internal" if status >= 500 else "invalid")
-        self.metrics.request_errors.labels(self.metrics.task(task), kind).inc()
+    def count_error(self, task: str, kind: ErrorKind) -> None:
+        self.metrics.request_errors.labels(self.metrics.task(task), kind.value).inc()
 
     def _prepare(self, body: GenerateRequest, arrived_s: float) -> PreparedRequest:
         adapter, version = self.resolve(body.task)
@@ -150,19 +150,21 @@ class PrefillService:
             prompt = (template or "{input}").replace("{input}", body.input or "")
         ids = self.loaded.tokenizer(prompt).input_ids
         if not ids:
-            raise ServiceError(422, "prompt is empty after tokenization")
+            raise ServiceError(ErrorKind.INVALID, "prompt is empty after tokenization")
         if len(ids) >= self.max_seq_len:
-            raise ServiceError(413, f"prompt has {len(ids)} tokens; the context limit is {self.max_seq_len}")
+            raise ServiceError(ErrorKind.TOO_LONG, f"prompt has {len(ids)} tokens; the context limit is "
+                                                   f"{self.max_seq_len}")
         if len(ids) + body.max_new_tokens > self.max_seq_len:
-            raise ServiceError(413, f"prompt ({len(ids)} tokens) + max_new_tokens ({body.max_new_tokens}) exceeds "
-                                    f"the context limit of {self.max_seq_len} tokens")
+            raise ServiceError(ErrorKind.TOO_LONG, f"prompt ({len(ids)} tokens) + max_new_tokens "
+                                                   f"({body.max_new_tokens}) exceeds the context limit of "
+                                                   f"{self.max_seq_len} tokens")
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
         sampling = SamplingParams(body.max_new_tokens, body.temperature, body.top_p, body.top_k, seed,
                                   tuple(body.stop), body.ignore_eos)
         return PreparedRequest(uuid.uuid4().hex, body.task, adapter, version, ids, sampling, arrived_s)
 
     def submit(self, req: PreparedRequest) -> AsyncIterator[TokenEvent]:
-        """Queue the request (ServiceError 429 when full) and return the stream of its events.
+        """Queue the request (ServiceError QUEUE_FULL when full) and return the stream of its events.
 
         Must be called on the event loop; the stream aborts the request if its consumer goes away.
         """
@@ -177,8 +179,8 @@ class PrefillService:
             self.engine.submit(req.request_id, req.task, req.prompt_token_ids, req.adapter, req.adapter_version,
                                req.sampling, sink, deadline_s)
         except QueueFullError as e:
-            self.count_error(req.task, 429)
-            raise ServiceError(429, f"server busy: {e}; retry later") from e
+            self.count_error(req.task, ErrorKind.QUEUE_FULL)
+            raise ServiceError(ErrorKind.QUEUE_FULL, f"server busy: {e}; retry later") from e
         except EngineUnavailableError as e:
             raise self._unavailable(req.task, e) from e
         return self._events(req, events, deadline_s)
@@ -214,12 +216,12 @@ class PrefillService:
             async with asyncio.timeout(max(deadline_s + 5.0 - time.time(), 0.1)):
                 return await events.get()
         except TimeoutError:
-            self.count_error(req.task, 504)
-            raise ServiceError(504, f"request timed out after {self.request_timeout_s:.0f}s") from None
+            self.count_error(req.task, ErrorKind.TIMEOUT)
+            raise ServiceError(ErrorKind.TIMEOUT, f"request timed out after {self.request_timeout_s:.0f}s") from None
 
     def _finished(self, req: PreparedRequest, event: TokenEvent, tracker: _LatencyTracker) -> None:
-        if event.finish_reason == "error":
-            self.count_error(req.task, event.error_status)
+        if event.finish_reason is FinishReason.ERROR:
+            self.count_error(req.task, event.error_kind or ErrorKind.INTERNAL)
         else:
             self.metrics.request_success.labels(self.metrics.task(req.task), event.finish_reason).inc()
         log.info("request finished", extra={

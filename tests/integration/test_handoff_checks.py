@@ -15,6 +15,7 @@ from kv_transfer.base import TokenEvent
 from kv_transfer.grpc_client import GrpcSender
 from kv_transfer.grpc_server import DecodeServicer, GrpcDecodeServer, TLSFiles
 from kv_transfer.handoff import KVHandoff, KVLayout
+from kv_transfer.outcome import ErrorKind
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.wire import KVLimits
 from prad.sampling import SamplingParams
@@ -85,7 +86,7 @@ def test_grpc_good_handoff_is_decoded(grpc_sender: GrpcSender, smollm2) -> None:
 def test_grpc_foreign_fingerprint_refused(grpc_sender: GrpcSender, smollm2) -> None:
     handoff = replace(_handoff(smollm2, "fp-1"), model_fingerprint="someone-elses-model")
     final = _collect(grpc_sender.send, handoff)[-1]
-    assert final.finish_reason == "error" and final.error_status == 502
+    assert final.finish_reason == "error" and final.error_kind is ErrorKind.KV_REJECTED
     assert "model fingerprint mismatch" in (final.error or "")
 
 
@@ -93,13 +94,13 @@ def test_grpc_layout_mismatch_refused(grpc_sender: GrpcSender, smollm2) -> None:
     good = _handoff(smollm2, "lay-1")
     bad_layout = replace(good.layout, num_kv_heads=good.layout.num_kv_heads * 2, length=good.layout.length // 2)
     final = _collect(grpc_sender.send, replace(good, layout=bad_layout))[-1]
-    assert final.error_status == 502 and "KV" in (final.error or "")
+    assert final.error_kind is ErrorKind.KV_REJECTED and "KV" in (final.error or "")
 
 
 def test_grpc_corrupted_bytes_refused(grpc_sender: GrpcSender, smollm2, engine: DecodeEngine, monkeypatch) -> None:
     _corrupting(monkeypatch)
     final = _collect(grpc_sender.send, _handoff(smollm2, "crc-1"))[-1]
-    assert final.error_status == 502 and "checksum mismatch" in (final.error or "")
+    assert final.error_kind is ErrorKind.KV_REJECTED and "checksum mismatch" in (final.error or "")
     assert engine.stats()["num_running"] == 0 and engine.stats()["num_waiting"] == 0  # nothing half-admitted
 
 
@@ -126,7 +127,7 @@ def test_grpc_over_tls_decodes_and_refuses_plaintext_or_foreign_ca(grpc_sender: 
             ready, why = senders[name].is_ready()
             assert not ready and address in why
             final = _collect(senders[name].send, _handoff(smollm2, f"{name}-1"), timeout_s=30)[-1]
-            assert final.finish_reason == "error" and final.error_status == 503, (name, final)
+            assert final.finish_reason == "error" and final.error_kind is ErrorKind.UNAVAILABLE, (name, final)
         assert engine.stats()["num_running"] == 0 and engine.stats()["num_waiting"] == 0
     finally:
         for sender in senders.values():
@@ -162,10 +163,10 @@ def test_redis_corrupted_and_foreign_refused_and_nothing_left(engine: DecodeEngi
             assert _collect(sender.send, _handoff(smollm2, "r-ok"))[-1].finish_reason == "length"
             foreign = replace(_handoff(smollm2, "r-fp"), model_fingerprint="other")
             final = _collect(sender.send, foreign)[-1]
-            assert final.error_status == 502 and "model fingerprint mismatch" in (final.error or "")
+            assert final.error_kind is ErrorKind.KV_REJECTED and "model fingerprint mismatch" in (final.error or "")
             _corrupting(monkeypatch)
             final = _collect(sender.send, _handoff(smollm2, "r-crc"))[-1]
-            assert final.error_status == 502 and "checksum mismatch" in (final.error or "")
+            assert final.error_kind is ErrorKind.KV_REJECTED and "checksum mismatch" in (final.error or "")
             time.sleep(0.5)
             keys = sorted(k.decode() for k in redis.Redis.from_url(rs.url).keys("t:*"))
             assert [k for k in keys if not k.startswith(("t:jobs", "t:wake:", "t:decode-alive:"))] == []
@@ -220,7 +221,7 @@ def test_grpc_header_over_decode_limits_refused_before_any_kv_is_read(engine: De
     sender = GrpcSender(f"127.0.0.1:{server.port}", timeout_s=20)
     try:
         final = _collect(sender.send, _oversized(smollm2, "long-1"))[-1]
-        assert final.error_status == 502 and "max_seq_len is 128" in (final.error or ""), final
+        assert final.error_kind is ErrorKind.KV_REJECTED and "max_seq_len is 128" in (final.error or ""), final
 
         async def announce_only(header: pb.HandoffHeader) -> pb.TokenEvent:
             # The header alone, never a KV chunk: the refusal must come without waiting for any.
@@ -232,10 +233,10 @@ def test_grpc_header_over_decode_limits_refused_before_any_kv_is_read(engine: De
         header = pb.HandoffHeader.FromString(encode_handoff(_handoff(smollm2, "huge-1"))[0])
         header.num_kv_bytes = 1 << 40
         reply = asyncio.run(announce_only(header))
-        assert reply.error_status == 502 and "announces 1099511627776 KV bytes" in reply.error
+        assert reply.error_kind == "kv_rejected" and "announces 1099511627776 KV bytes" in reply.error
         header.layout.num_layers = 10_000
         reply = asyncio.run(announce_only(header))
-        assert reply.error_status == 502 and "num_layers=10000" in reply.error
+        assert reply.error_kind == "kv_rejected" and "num_layers=10000" in reply.error
         assert engine.stats()["num_running"] == 0 and engine.stats()["num_waiting"] == 0
     finally:
         sender.close()
@@ -268,7 +269,7 @@ def test_redis_header_over_limits_or_blob_size_mismatch_refused_before_get(engin
         try:
             assert _wait_ready(sender)
             final = _collect(sender.send, _oversized(smollm2, "r-long"))[-1]
-            assert final.error_status == 502 and "max_seq_len is 128" in (final.error or ""), final
+            assert final.error_kind is ErrorKind.KV_REJECTED and "max_seq_len is 128" in (final.error or ""), final
 
             def padded(handoff: KVHandoff) -> tuple[bytes, bytes]:
                 header, data = encode_handoff(handoff)
@@ -276,7 +277,7 @@ def test_redis_header_over_limits_or_blob_size_mismatch_refused_before_get(engin
 
             monkeypatch.setattr(rsender, "encode_handoff", padded)
             final = _collect(sender.send, _handoff(smollm2, "r-pad"))[-1]
-            assert final.error_status == 502 and "KV blob has" in (final.error or ""), final
+            assert final.error_kind is ErrorKind.KV_REJECTED and "KV blob has" in (final.error or ""), final
             assert "cmdstat_get" not in client.info("commandstats")  # neither blob was fetched
         finally:
             sender.close()

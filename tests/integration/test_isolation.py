@@ -17,9 +17,9 @@ from decode_service.engine import DecodeConfig, DecodeEngine
 from kv_transfer.base import TokenEvent
 from kv_transfer.handoff import HandoffError, KVHandoff, KVLayout
 from kv_transfer.inproc import InprocSender
+from kv_transfer.outcome import EngineUnavailableError, ErrorKind
 from launcher.roles import build_app
 from launcher.settings import ServeSettings
-from prad.errors import EngineUnavailableError
 from prad.reference import reference_generate
 from prad.sampling import SamplingParams
 from prefill_service.engine import PrefillConfig, PrefillEngine
@@ -127,7 +127,7 @@ def test_a_failing_first_token_fails_only_its_request(engines, smollm2, monkeypa
     ids = _ids(smollm2, "Hello there")
     _submit(prefill, col, "bad", ids, SamplingParams(4, temperature=1.0, seed=13))
     _submit(prefill, col, "good", ids, SamplingParams(4, ignore_eos=True))
-    assert col.result("bad")[1].error_status == 500
+    assert col.result("bad")[1].error_kind is ErrorKind.INTERNAL
     assert col.result("good")[1].finish_reason == "length"
     assert prefill.liveness() is None
 

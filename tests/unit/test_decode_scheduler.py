@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from decode_service.scheduler import DecodeScheduler, DecodeSequence, KVMove, SeqStatus
-from prad.errors import QueueFullError
+from kv_transfer.outcome import FinishReason, QueueFullError
 
 
 def _seq(request_id: str, num_prompt_tokens: int = 4, max_new_tokens: int = 4) -> DecodeSequence:
@@ -79,7 +79,7 @@ def test_admission_is_bounded_by_kv_budget_with_exact_fit() -> None:
     assert not sched.can_allocate(d)
     _assert_dense(sched)
 
-    moves = sched.finish(c, SeqStatus.FINISHED_LENGTH)
+    moves = sched.finish(c, FinishReason.LENGTH)
     assert moves == []  # c was the last row
     assert sched.num_reserved_tokens == 90
     out = sched.schedule()
@@ -99,7 +99,7 @@ def test_admission_is_strictly_fifo_under_kv_budget() -> None:
     assert _ids(list(sched.waiting)) == ["big2", "small"]
     assert sched.can_allocate(small) and not sched.can_allocate(big2)
 
-    sched.finish(big1, SeqStatus.FINISHED_STOP)
+    sched.finish(big1, FinishReason.STOP)
     out = sched.schedule()
     assert _ids(out.admitted) == ["big2", "small"]
     assert [s.row for s in out.admitted] == [0, 1]
@@ -155,35 +155,36 @@ def test_finish_middle_row_moves_last_row_into_it() -> None:
     sched.schedule()
     assert [a.row, b.row, c.row] == [0, 1, 2]
 
-    moves = sched.finish(b, SeqStatus.FINISHED_STOP)
+    moves = sched.finish(b, FinishReason.STOP)
     assert moves == [KVMove(2, 1, c.last_position + 1)]
     assert c.row == 1 and a.row == 0
-    assert b.row is None and b.status is SeqStatus.FINISHED_STOP
+    assert b.row is None and b.finish_reason is FinishReason.STOP and b.is_finished
     assert sched.rows == [a, c]
     assert sched.num_reserved_tokens == a.num_reserved_tokens + c.num_reserved_tokens
     _assert_dense(sched)
 
     # The first row leaving moves the (new) last row, c, again.
-    moves = sched.finish(a, SeqStatus.FINISHED_LENGTH)
+    moves = sched.finish(a, FinishReason.LENGTH)
     assert [m[:2] for m in moves] == [(1, 0)] and c.row == 0 and sched.rows == [c]
     _assert_dense(sched)
 
-    assert sched.finish(c, SeqStatus.FINISHED_LENGTH) == []
+    assert sched.finish(c, FinishReason.LENGTH) == []
     assert sched.rows == [] and sched.num_reserved_tokens == 0
     assert not sched.has_work()
 
 
-def test_finish_rejects_a_non_running_sequence_or_non_final_status() -> None:
+def test_finish_rejects_a_non_running_sequence() -> None:
     sched = DecodeScheduler(max_batch_size=2, max_kv_tokens=100, max_waiting=2)
     a, b = _seq("a"), _seq("b")
     sched.add(a)
     sched.schedule()
     sched.add(b)
     with pytest.raises(AssertionError):
-        sched.finish(b, SeqStatus.FINISHED_STOP)  # still waiting: it has no row
-    with pytest.raises(AssertionError):
-        sched.finish(a, SeqStatus.RUNNING)
+        sched.finish(b, FinishReason.STOP)  # still waiting: it has no row
     assert sched.rows == [a] and a.row == 0
+    sched.finish(a, FinishReason.STOP)
+    with pytest.raises(AssertionError):
+        sched.finish(a, FinishReason.STOP)  # already finished
 
 
 def test_aborts_of_waiting_and_running_are_reported_and_free_resources() -> None:
@@ -203,7 +204,7 @@ def test_aborts_of_waiting_and_running_are_reported_and_free_resources() -> None
 
     assert sorted(_ids(out.aborted)) == ["run0", "wait0"]
     for s in (run[0], wait[0]):
-        assert s.status is SeqStatus.FINISHED_ABORTED and s.row is None
+        assert s.finish_reason is FinishReason.ABORT and s.row is None
     assert [m[:2] for m in out.moves] == [(2, 0)]  # run2 fills run0's row
     assert run[2].row == 0
     # The freed row and budget go to the next waiting request in the same step.
@@ -231,7 +232,7 @@ def test_abort_everything_empties_the_scheduler() -> None:
     assert out.admitted == [] and out.running == []
     assert sched.rows == [] and sched.num_waiting == 0 and sched.num_reserved_tokens == 0
     assert not sched.has_work()
-    assert all(s.status is SeqStatus.FINISHED_ABORTED and s.row is None for s in seqs)
+    assert all(s.finish_reason is FinishReason.ABORT and s.row is None for s in seqs)
 
 
 def test_several_running_aborts_give_moves_that_replay_to_the_right_rows() -> None:
@@ -287,7 +288,7 @@ def test_replaying_moves_keeps_kv_in_step_with_rows_over_many_steps() -> None:
         for seq in list(out.running):
             seq.output_token_ids.append(1)
             if len(seq.output_token_ids) >= seq.max_new_tokens:
-                moves = sched.finish(seq, SeqStatus.FINISHED_LENGTH)
+                moves = sched.finish(seq, FinishReason.LENGTH)
                 num_moves += len(moves)
                 _apply_moves(kv, moves)
                 kv[len(sched.rows):] = [None] * (len(kv) - len(sched.rows))
@@ -306,27 +307,60 @@ def test_requests_join_after_others_leave() -> None:
     out = sched.schedule()
     assert _ids(out.admitted) == ["a", "b"]
 
-    assert [m[:2] for m in sched.finish(a, SeqStatus.FINISHED_STOP)] == [(1, 0)]
+    assert [m[:2] for m in sched.finish(a, FinishReason.STOP)] == [(1, 0)]
     out = sched.schedule()
     assert _ids(out.admitted) == ["c"]
     assert c.row == 1 and c.status is SeqStatus.RUNNING
     assert _ids(out.running) == ["b", "c"]
     assert _ids(list(sched.waiting)) == ["d"]
 
-    sched.finish(b, SeqStatus.FINISHED_LENGTH)
-    sched.finish(c, SeqStatus.FINISHED_LENGTH)
+    sched.finish(b, FinishReason.LENGTH)
+    sched.finish(c, FinishReason.LENGTH)
     out = sched.schedule()
     assert _ids(out.admitted) == ["d"] and d.row == 0
     assert _ids(out.running) == ["d"] and sched.num_waiting == 0
     _assert_dense(sched)
 
 
-def test_status_is_finished() -> None:
-    assert not SeqStatus.WAITING_FOR_SLOT.is_finished
-    assert not SeqStatus.RUNNING.is_finished
-    assert SeqStatus.FINISHED_STOP.is_finished
-    assert SeqStatus.FINISHED_LENGTH.is_finished
-    assert SeqStatus.FINISHED_ABORTED.is_finished
+def _token_steps(sched: DecodeScheduler, seq: DecodeSequence, tokens: list[int], now_s: float = 0.0,
+                 stop_text_at: int | None = None) -> FinishReason | None:
+    for i, token in enumerate(tokens):
+        sched.append_token(seq, token, i == stop_text_at, now_s)
+        if seq.is_finished:
+            return seq.finish_reason
+    return None
+
+
+def test_append_token_ends_on_eos_budget_stop_text_and_deadline() -> None:
+    eos = 2
+
+    def running(max_new: int = 4, **kw) -> tuple[DecodeScheduler, DecodeSequence]:
+        sched = DecodeScheduler(max_batch_size=2, max_kv_tokens=100, max_waiting=2, eos_token_ids=[eos])
+        seq = DecodeSequence("a", 3, max_new, [7], **kw)
+        sched.add(seq)
+        sched.schedule()
+        return sched, seq
+
+    sched, seq = running()
+    assert _token_steps(sched, seq, [5, eos, 5]) is FinishReason.STOP and seq.output_token_ids == [7, 5, eos]
+    assert sched.rows == [] and sched.num_reserved_tokens == 0  # it left its row at once
+    sched, seq = running(ignore_eos=True)
+    assert _token_steps(sched, seq, [eos, eos, eos]) is FinishReason.LENGTH and len(seq.output_token_ids) == 4
+    sched, seq = running()
+    assert _token_steps(sched, seq, [5, 6], stop_text_at=1) is FinishReason.STOP
+    sched, seq = running(deadline_s=10.0)
+    assert _token_steps(sched, seq, [5], now_s=9.0) is None
+    assert _token_steps(sched, seq, [5], now_s=11.0) is FinishReason.ABORT
+
+
+def test_first_token_can_end_a_request_before_it_is_queued() -> None:
+    sched = DecodeScheduler(max_batch_size=2, max_kv_tokens=100, max_waiting=2, eos_token_ids=[2])
+    seq = DecodeSequence("a", 3, 1, [])
+    assert sched.append_token(seq, 5, False, 0.0) == []  # max_new_tokens=1: the first token is the last
+    assert seq.finish_reason is FinishReason.LENGTH and not sched.has_work()
+    going = DecodeSequence("b", 3, 4, [])
+    sched.append_token(going, 5, False, 0.0)
+    assert not going.is_finished and going.status is SeqStatus.WAITING_FOR_SLOT
 
 
 def test_a_request_moved_twice_keeps_its_own_copy_length() -> None:

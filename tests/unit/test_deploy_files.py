@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from prad.metrics import Metrics
+from serving.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

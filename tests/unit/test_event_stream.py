@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from kv_transfer.base import EventSink, TokenEvent, merge_events
-from prad.metrics import Metrics
+from kv_transfer.outcome import ErrorKind
 from prad.sampling import SamplingParams
 from prefill_service.service import PrefillService, PreparedRequest, ServiceError, collect
+from serving.metrics import Metrics
 
 
 def _ev(index: int, token: int, final: str | None = None) -> TokenEvent:
@@ -105,7 +106,7 @@ def test_collect_merges_the_whole_output_and_raises_on_a_failed_request() -> Non
 
     result = asyncio.run(collect(events(_ev(0, 10), _ev(1, 11), _ev(2, 12, "length"))))
     assert result.token_ids == [10, 11, 12] and result.text == "<10><11><12>" and result.finish_reason == "length"
-    failed = TokenEvent("r", [], "", finish_reason="error", error="decode service gone", error_status=503)
+    failed = TokenEvent.failure("r", ErrorKind.UNAVAILABLE, "decode service gone")
     with pytest.raises(ServiceError) as info:
         asyncio.run(collect(events(_ev(0, 10), failed)))
-    assert info.value.status == 503 and "decode service gone" in info.value.message
+    assert info.value.kind is ErrorKind.UNAVAILABLE and "decode service gone" in info.value.message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from prad.errors import QueueFullError
+from kv_transfer.outcome import QueueFullError
 from prefill_service.scheduler import PrefillBatch, PrefillChunk, PrefillRequest, PrefillScheduler, PrefillStatus
 
 
@@ -64,7 +64,7 @@ def test_batch_mixes_tasks_fifo_under_the_token_budget() -> None:
 
     done = sched.update(batch)
     assert _ids(done) == ["a", "b", "c"]
-    assert all(r.status is PrefillStatus.SENDING for r in done)
+    assert all(r.status is PrefillStatus.DONE for r in done)
     assert all(r.num_computed_tokens == len(r.prompt_token_ids) for r in done)
     assert _ids(list(sched.waiting)) == ["d"]
 
@@ -102,7 +102,7 @@ def test_request_that_does_not_fit_is_chunked_and_finishes_next_step() -> None:
     batch = sched.schedule()
     assert _spans(batch) == [("b", 4, 6, True), ("c", 0, 1, True)]
     assert _ids(sched.update(batch)) == ["b", "c"]
-    assert b.status is PrefillStatus.SENDING and b.num_remaining_tokens == 0
+    assert b.status is PrefillStatus.DONE and b.num_remaining_tokens == 0
     assert sched.num_waiting == 0
     assert sched.schedule().chunks == []
 
@@ -121,7 +121,7 @@ def test_long_prompt_is_chunked_across_steps() -> None:
         assert long.num_computed_tokens == end
         if is_last:
             assert done == [long]
-            assert long.status is PrefillStatus.SENDING
+            assert long.status is PrefillStatus.DONE
             assert sched.num_waiting == 0
         else:
             assert done == []

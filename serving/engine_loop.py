@@ -1,5 +1,11 @@
-"""The lifecycle the prefill and decode engines share: one supervised daemon thread running the
-engine's loop, a condition that wakes it when work arrives, and a stop flag read under that condition.
+"""The lifecycle the prefill and decode engines share: one supervised daemon thread running
+schedule -> execute -> update, a condition that wakes it when work arrives, and a stop flag read under
+that condition. Each engine supplies the steps; the loop, the failure handling and the supervision
+are here, once.
+
+Scheduling runs under the engine's lock (submissions and aborts from other threads touch the
+scheduler's queues); executing, and every tensor copy, runs outside it (only the loop thread touches
+the model and the KV). A step that raises fails the requests it held, never the engine.
 
 Supervision: an exception that escapes the loop (a bug: every per-request failure is caught inside
 the loop and fails that request alone) is logged, every request the engine holds gets an explicit
@@ -14,14 +20,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Generic, TypeVar
 
-from prad.errors import EngineUnavailableError
+from kv_transfer.outcome import EngineUnavailableError
 
 log = logging.getLogger(__name__)
 DEFAULT_STALL_TIMEOUT_S = 60.0
+Plan = TypeVar("Plan")  # what one schedule() hands to the step: a prefill batch, decode's rows
+Result = TypeVar("Result")  # what executing a plan produces: logits and KV, sampled tokens
 
 
-class EngineLoop:
+class EngineLoop(Generic[Plan, Result]):
     thread_name = "engine"
 
     def __init__(self, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> None:
@@ -86,12 +95,52 @@ class EngineLoop:
             except Exception:
                 log.exception("failing the requests of a stopped %s", self.thread_name)
 
+    def _loop(self) -> None:
+        """schedule -> step until stopped; on stop, every request still held gets an error event."""
+        while True:
+            with self._lock:
+                self.note_progress()
+                while not self.has_work() and not self._stopping:
+                    self._lock.wait()
+                if self._stopping:
+                    self._fail_all(f"{self.thread_name} shutting down")
+                    return
+                plan = self._schedule()
+            self._step(plan)
+
+    def _run(self, plan: Plan) -> None:
+        """execute -> update; if executing raises, only the plan's requests are failed."""
+        try:
+            result = self._execute(plan)
+        except Exception as e:
+            log.exception("%s step failed", self.thread_name)
+            self._step_failed(plan, e)
+            return
+        self._update(plan, result)
+
+    # --- each engine's own steps ---------------------------------------------------------------
     def has_work(self) -> bool:
-        """Whether requests wait or run (read without the lock: a hint for the stall check)."""
+        """Whether requests wait or run (also read without the lock: a hint for the stall check)."""
         raise NotImplementedError
 
-    def _loop(self) -> None:
-        """schedule -> execute -> update until stopped (each engine's own)."""
+    def _schedule(self) -> Plan:
+        """Plan the next step from the scheduler (lock held)."""
+        raise NotImplementedError
+
+    def _step(self, plan: Plan) -> None:
+        """Carry a plan out (lock not held); usually `self._run(plan)` after any preparation."""
+        self._run(plan)
+
+    def _execute(self, plan: Plan) -> Result:
+        """The model's work for one step (lock not held)."""
+        raise NotImplementedError
+
+    def _update(self, plan: Plan, result: Result) -> None:
+        """Deliver a step's results to its requests."""
+        raise NotImplementedError
+
+    def _step_failed(self, plan: Plan, error: Exception) -> None:
+        """Executing `plan` raised `error`: fail (or retry) its requests."""
         raise NotImplementedError
 
     def _fail_all(self, message: str) -> None:

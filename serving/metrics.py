@@ -73,10 +73,10 @@ class Metrics:
                                             registry=r)
         self.adapter_cache = Counter("prad:adapter_cache_events", "Adapter cache hits, misses, loads, evictions",
                                      ("task", "event"), registry=r)
-        self.step_failures = Counter("prad:engine_step_failures", "Engine steps that raised (their requests "
-                                     "were retried alone or failed)", ("service",), registry=r)
+        self.step_failures = Counter("prad:engine_step_failures", "Engine steps over several requests that "
+                                     "raised (prefill retries them alone; decode fails them)", ("service",), registry=r)
         self.row_failures = Counter("prad:request_row_failures", "Requests failed alone inside an engine step "
-                                    "(sampling, detokenizing, delivering)", ("service",), registry=r)
+                                    "(their own pass, sampling, detokenizing, delivering)", ("service",), registry=r)
         self.adapter_swaps = Counter("prad:adapter_hot_swaps", "Active adapter version changes", ("task",),
                                      registry=r)
 

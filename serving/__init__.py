@@ -1,0 +1,1 @@
+"""What the prefill and decode services share: the supervised engine loop and the Prometheus metrics."""
