@@ -24,12 +24,29 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
 
 
-def _add_model_flags(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
-    """default=None lets `prad serve` take PRAD_DEVICE / PRAD_DTYPE from the environment."""
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """`prad generate`'s model flags (`prad serve` gets its own, generated from ServeSettings)."""
     p.add_argument("--model", default=None, help="local HF model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default=default, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default=default, choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: available cores)")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`prad serve`: one flag per ServeSettings field, generated (launcher/settings_cli.py) so the two cannot drift.
+
+    Every flag defaults to None, so cmd_serve passes only the flags given and the rest come from PRAD_* / defaults.
+    """
+    from launcher.settings import SECRETS, ServeSettings
+    from launcher.settings_cli import SettingsHelpFormatter, add_settings_flags
+
+    serve = sub.add_parser("serve", help="run the server (embedded: prefill + decode in one process)",
+                           usage="%(prog)s [options]", formatter_class=SettingsHelpFormatter,
+                           description="Run the server. Each flag is also an environment variable (named in its "
+                                       "help); a flag given wins over the environment, which wins over the default.")
+    notes = {name: f"visible in ps: prefer --{name.replace('_', '-')}-file" for name in SECRETS}
+    add_settings_flags(serve, ServeSettings, notes)
+    serve.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -142,57 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prad", description="PrAd Serve: multi-task serving with PrAd adapters")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the server (embedded: prefill + decode in one process)")
-    _add_model_flags(serve, default=None)
-    serve.add_argument("--adapters", type=Path, default=None, help="folder with one sub-folder per task")
-    serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=None)
-    for flag in ("max-batch-size", "max-prefill-batch", "max-seq-len", "max-kv-tokens", "max-prefill-tokens",
-                 "max-waiting",
-                 "max-loaded-adapters"):
-        serve.add_argument(f"--{flag}", type=int, default=None)
-    serve.add_argument("--role", default=None, choices=["all", "prefill", "decode"])
-    serve.add_argument("--transport", default=None, choices=["inproc", "grpc", "redis"])
-    serve.add_argument("--grpc-host", default=None, help="decode: gRPC bind address")
-    serve.add_argument("--grpc-port", type=int, default=None, help="decode: gRPC port")
-    serve.add_argument("--decode-addr", default=None, help="prefill: decode gRPC address host:port")
-    serve.add_argument("--grpc-secret", default=None, help="shared secret header (or PRAD_GRPC_SECRET); "
-                       "visible in ps: prefer --grpc-secret-file")
-    serve.add_argument("--grpc-secret-file", type=Path, default=None, help="file holding the gRPC secret")
-    for flag in ("grpc-tls-cert", "grpc-tls-key", "grpc-tls-ca"):
-        serve.add_argument(f"--{flag}", default=None)
-    serve.add_argument("--redis-url", default=None, help="redis://[:password@]host:port/db or rediss://")
-    serve.add_argument("--redis-prefix", default=None)
-    serve.add_argument("--kv-ttl-s", type=float, default=None)
-    serve.add_argument("--claim-idle-s", type=float, default=None)
-    serve.add_argument("--replica-lost-s", type=float, default=None)
-    serve.add_argument("--replica-name", default=None)
-    serve.add_argument("--admin-token", default=None, help="enables /admin (or PRAD_ADMIN_TOKEN); "
-                       "visible in ps: prefer --admin-token-file")
-    serve.add_argument("--admin-token-file", type=Path, default=None, help="file holding the admin token")
-    serve.add_argument("--store", type=Path, default=None, help="versioned adapter store folder")
-    serve.add_argument("--store-redis-url", default=None, help="Redis index for a store shared by prefill nodes")
-    serve.add_argument("--max-adapter-bytes", type=int, default=None)
-    serve.add_argument("--max-task-labels", type=int, default=None, help="per-task metric labels before 'other'")
-    serve.add_argument("--request-timeout-s", type=float, default=None)
-    serve.add_argument("--drain-timeout-s", type=float, default=None,
-                       help="decode: on SIGTERM, finish running requests for up to this long")
-    serve.add_argument("--adapter-poll-s", type=float, default=None, help="fallback poll of the adapter store")
-    serve.add_argument("--engine-stall-timeout-s", type=float, default=None,
-                       help="an engine stalled this long with work waiting fails /healthz")
-    serve.add_argument("--exit-when-unhealthy-s", type=float, default=None,
-                       help="exit after /healthz failed this long (Docker/systemd restart on exit)")
-    serve.add_argument("--api-key", default=None, help="bearer token required on /generate, /tasks, /v1/* "
-                       "(or PRAD_API_KEY); visible in ps: prefer --api-key-file")
-    serve.add_argument("--api-key-file", type=Path, default=None, help="file holding the API key")
-    serve.add_argument("--http-header-timeout-s", type=float, default=None,
-                       help="close connections whose request headers are not complete within this")
-    serve.add_argument("--http-body-timeout-s", type=float, default=None,
-                       help="refuse (408) request bodies not complete this long after their headers")
-    serve.add_argument("--http-keep-alive-s", type=float, default=None, help="idle keep-alive timeout")
-    serve.add_argument("--log-format", default=None, choices=["text", "json"])
-    serve.add_argument("--log-level", default=None)
-    serve.set_defaults(func=cmd_serve)
+    _add_serve(sub)
 
     gen = sub.add_parser("generate", help="greedy generation by one masked forward per step (the yardstick)")
     _add_model_flags(gen)
