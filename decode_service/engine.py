@@ -52,7 +52,7 @@ class Sequence(DecodeSequence):
 Tokens = list[int | Exception]  # one sampled token per row, or the exception that row raised
 
 
-class DecodeEngine(EngineLoop[ScheduleOutput[Sequence], Tokens], DecodeBackend):
+class DecodeEngine(EngineLoop[ScheduleOutput[Sequence], list[Sequence], Tokens], DecodeBackend):
     thread_name = "decode-engine"
 
     def __init__(self, loaded: LoadedModel, config: DecodeConfig,

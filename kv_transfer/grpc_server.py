@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -56,8 +57,8 @@ class SecretInterceptor(grpc.aio.ServerInterceptor):
             context.set_code(grpc.StatusCode.UNAUTHENTICATED)
             context.set_details(f"bad or missing {SECRET_HEADER}")
 
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny_unary)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny_stream)
+        self._deny_unary: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(deny_unary)
+        self._deny_stream: grpc.RpcMethodHandler[Any, Any] = grpc.stream_stream_rpc_method_handler(deny_stream)
 
     async def intercept_service(self, continuation, handler_call_details):
         given = dict(handler_call_details.invocation_metadata or ()).get(SECRET_HEADER, "")

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 GROUP = "prad-decode"  # the consumer group all decode replicas join
 
+# What XREAD / XREADGROUP answer (redis-py types replies loosely): [(stream key, [(entry id, fields)])]
+StreamEntry = tuple[bytes, dict[bytes, bytes]]
+StreamReply = list[tuple[bytes | str, list[StreamEntry]]]
+
 
 @dataclass(frozen=True)
 class RedisKeys:

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
@@ -29,7 +30,7 @@ from kv_transfer.base import DedupSink, EventSink, KVSender, TokenEvent
 from kv_transfer.handoff import KVHandoff
 from kv_transfer.outcome import ErrorKind
 from kv_transfer.protos import kv_handoff_pb2 as pb
-from kv_transfer.redis_keys import GROUP, RedisKeys
+from kv_transfer.redis_keys import GROUP, RedisKeys, StreamEntry, StreamReply
 from kv_transfer.wire import encode_handoff, event_from_proto
 
 log = logging.getLogger(__name__)
@@ -182,10 +183,11 @@ class RedisSender(KVSender):
             with self._lock:
                 if self._stopping:
                     return
-                streams = {self.keys.tokens(r): f.last_id for r, f in self._follows.items()}
+                streams: dict[str | bytes | memoryview, str | bytes | memoryview | int] = {
+                    self.keys.tokens(r): f.last_id for r, f in self._follows.items()}
             streams[wake_key] = wake_id
             try:
-                replies = self.redis.xread(streams, block=BLOCK_MS, count=64)
+                replies = cast(StreamReply | None, self.redis.xread(streams, block=BLOCK_MS, count=64))
                 self._retire_orphans()
             except redis.RedisError as e:
                 self._fail_all(f"redis connection lost: {e}")
@@ -200,7 +202,7 @@ class RedisSender(KVSender):
             self._expire()
             self._check_follows()
 
-    def _deliver(self, request_id: str, entries: list) -> None:
+    def _deliver(self, request_id: str, entries: list[StreamEntry]) -> None:
         with self._lock:
             follow = self._follows.get(request_id)
         if follow is None:
@@ -283,7 +285,7 @@ class RedisSender(KVSender):
             if "NOGROUP" in str(e):
                 return []
             raise
-        return [p["message_id"].decode() for p in pending]
+        return [cast(bytes, p["message_id"]).decode() for p in cast(list[dict[str, object]], pending)]
 
     def _retire_orphans(self) -> None:
         """Retire the jobs of requests failed while Redis was unreachable (it answers again)."""

@@ -21,13 +21,14 @@ import logging
 import queue
 import threading
 import time
+from typing import cast
 
 import redis
 
 from kv_transfer.base import DecodeBackend, TokenEvent
 from kv_transfer.handoff import HandoffError
 from kv_transfer.outcome import EngineUnavailableError, QueueFullError
-from kv_transfer.redis_keys import GROUP, RedisKeys
+from kv_transfer.redis_keys import GROUP, RedisKeys, StreamReply
 from kv_transfer.redis_sender import connect
 from kv_transfer.wire import KVLimits, check_header, event_to_proto, handoff_from_proto, parse_header
 
@@ -131,7 +132,8 @@ class RedisDecodeWorker:
         if room == 0:
             time.sleep(0.05)
             return
-        replies = self.redis.xreadgroup(GROUP, self.replica, {self.keys.jobs: ">"}, count=room, block=BLOCK_MS)
+        replies = cast(StreamReply | None, self.redis.xreadgroup(GROUP, self.replica, {self.keys.jobs: ">"},
+                                                                 count=room, block=BLOCK_MS))
         for _, entries in replies or []:
             for entry_id, fields in entries:
                 self._start_job(entry_id, fields)
@@ -147,7 +149,7 @@ class RedisDecodeWorker:
         pipe.execute()
         self._drop_unread()
         with self._lock:
-            mine = list(self._in_flight.values())
+            mine: list[bytes | str | int | memoryview] = list(self._in_flight.values())
         if mine:  # keep our jobs from looking abandoned (XCLAIM resets their idle time)
             self.redis.xclaim(self.keys.jobs, GROUP, self.replica, 0, mine, justid=True)
         if self._draining.is_set():
@@ -205,7 +207,7 @@ class RedisDecodeWorker:
         if num_bytes not in (0, num_kv_bytes):
             self._refuse(rid, HandoffError(f"KV blob has {num_bytes} bytes, header announced {num_kv_bytes}"))
             return None
-        data = self.redis.get(self.keys.kv(rid)) if num_bytes else None
+        data = cast(bytes | None, self.redis.get(self.keys.kv(rid))) if num_bytes else None
         if data is None:
             self._refuse(rid, HandoffError("KV for this request expired or was already consumed"))
         return data

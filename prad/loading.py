@@ -14,12 +14,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from prad.config import ModelConfig, model_config_from_hf
 from prad.model import Model
 from prad.weights import read_tensors, safetensors_files, weights_from_tensors
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # save_pretrained refuses a quantizer-backed model; the weights are already dequantized.
-    hf.hf_quantizer = None
+    hf.hf_quantizer = None  # type: ignore[assignment]  # transformers declares it as a module attribute
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
     hf.save_pretrained(tmp, safe_serialization=True)
@@ -74,7 +78,7 @@ def prepare_default_model() -> Path:
 
 
 def resolve_model_dir(model: str | None) -> Path:
-    if model in (None, "", "default", DEFAULT_MODEL):
+    if model is None or model in ("", "default", DEFAULT_MODEL):
         return prepare_default_model()
     path = Path(model)
     if not (path / "config.json").is_file():
@@ -128,7 +132,7 @@ def model_fingerprint(model_dir: Path) -> str:
 @dataclass
 class LoadedModel:
     model: Model
-    tokenizer: object  # a transformers tokenizer
+    tokenizer: PreTrainedTokenizerBase
     fingerprint: str
     path: Path
     name: str

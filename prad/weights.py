@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -44,18 +45,22 @@ class ModelWeights:
     lm_head: torch.Tensor  # [V, d]; the embedding itself when tied
 
     def to(self, device: torch.device, dtype: torch.dtype) -> ModelWeights:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device=device, dtype=dtype)
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype)
 
-        layers = [LayerWeights(**{k: move(v) for k, v in vars(lw).items()}) for lw in self.layers]
+        def move_optional(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else move(t)
+
+        layers = [LayerWeights(**cast(dict[str, Any], {k: move_optional(v) for k, v in vars(lw).items()}))
+                  for lw in self.layers]
         embed = move(self.embed)
         tied = self.lm_head is self.embed
         return ModelWeights(
             embed=embed,
-            pos_embed=move(self.pos_embed),
+            pos_embed=move_optional(self.pos_embed),
             layers=layers,
             final_norm_w=move(self.final_norm_w),
-            final_norm_b=move(self.final_norm_b),
+            final_norm_b=move_optional(self.final_norm_b),
             lm_head=embed if tied else move(self.lm_head),
         )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
 from prad.sampling import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS
 
@@ -23,7 +24,7 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 # JSON Schema for "exactly one of prompt / input" (checked by the models' validators).
-ONE_PROMPT = {"oneOf": [{"required": ["prompt"], "properties": {"prompt": {"not": {"type": "null"}}}},
+ONE_PROMPT: JsonDict = {"oneOf": [{"required": ["prompt"], "properties": {"prompt": {"not": {"type": "null"}}}},
                         {"required": ["input"], "properties": {"input": {"not": {"type": "null"}}}}]}
 
 

@@ -256,7 +256,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 def _task_rows(service: PrefillService) -> list[dict[str, Any]]:
     """One row per task from its metadata (no weights are loaded, no cached adapter is evicted)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for task in service.adapters.tasks():
         try:
             info = service.adapters.describe(task)

@@ -50,7 +50,7 @@ class Request(PrefillRequest):
     started_s: float | None = None  # when its first chunk was scheduled
 
 
-class PrefillEngine(EngineLoop[PrefillBatch[Request], list[ChunkOutput]]):
+class PrefillEngine(EngineLoop[PrefillBatch[Request], PrefillBatch[Request], list[ChunkOutput]]):
     thread_name = "prefill-engine"
 
     def __init__(self, loaded: LoadedModel, sender: KVSender, config: PrefillConfig,

@@ -4,6 +4,7 @@ door's HTTP layer knows a status code."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -40,7 +41,7 @@ def stream_error(kind: ErrorKind | None, message: str) -> dict[str, Any]:
 
 
 def openai_error(status: int, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> JSONResponse:
+                 headers: Mapping[str, str] | None = None) -> JSONResponse:
     """An error in OpenAI's shape; 422 (our validation status) is answered as OpenAI's 400."""
     status = 400 if status == 422 else status
     body = {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "server_error"), "param": param,
@@ -48,7 +49,7 @@ def openai_error(status: int, message: str, param: str | None = None,
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def error_response(path: str, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(path: str, status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """An error body: OpenAI's shape under /v1/, {"detail": message} elsewhere."""
     if path.startswith("/v1/"):
         return openai_error(status, message, headers=headers)

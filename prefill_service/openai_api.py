@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -194,7 +194,8 @@ def build_router() -> APIRouter:
     async def chat(body: ChatRequest, request: Request, service: ServiceDep) -> Response:
         service.check_admission(body.model)
         messages = [m.model_dump() for m in body.messages]
-        prompt = service.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = cast(str, service.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                         tokenize=False))
         gen = _to_generate(body, prompt, body.max_completion_tokens or body.max_tokens)
         return await _run(service, gen, "chat.completion", request, _include_usage(body))
 
@@ -256,7 +257,8 @@ async def _stream(req: PreparedRequest, events: AsyncIterator[TokenEvent], kind:
                 yield _chunk(req, obj, {"index": 0, **({"delta": piece} if chat else {"text": event.text}),
                                         "finish_reason": None})
             if event.is_final:
-                last = {"index": 0, "finish_reason": event.finish_reason, **({"delta": {}} if chat else {"text": ""})}
+                last: dict[str, Any] = {"index": 0, "finish_reason": event.finish_reason,
+                                        **({"delta": {}} if chat else {"text": ""})}
                 yield _chunk(req, obj, last, usage=_usage(req, num_tokens))
                 if include_usage:
                     yield _chunk(req, obj, None, usage=_usage(req, num_tokens))

@@ -26,11 +26,12 @@ from kv_transfer.outcome import EngineUnavailableError
 
 log = logging.getLogger(__name__)
 DEFAULT_STALL_TIMEOUT_S = 60.0
-Plan = TypeVar("Plan")  # what one schedule() hands to the step: a prefill batch, decode's rows
-Result = TypeVar("Result")  # what executing a plan produces: logits and KV, sampled tokens
+Plan = TypeVar("Plan")  # what one schedule() hands to the step: a prefill batch, decode's schedule
+Batch = TypeVar("Batch")  # what one forward pass runs over: the prefill batch, decode's running rows
+Result = TypeVar("Result")  # what executing a batch produces: logits and KV, sampled tokens
 
 
-class EngineLoop(Generic[Plan, Result]):
+class EngineLoop(Generic[Plan, Batch, Result]):
     thread_name = "engine"
 
     def __init__(self, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> None:
@@ -108,15 +109,15 @@ class EngineLoop(Generic[Plan, Result]):
                 plan = self._schedule()
             self._step(plan)
 
-    def _run(self, plan: Plan) -> None:
-        """execute -> update; if executing raises, only the plan's requests are failed."""
+    def _run(self, batch: Batch) -> None:
+        """execute -> update; if executing raises, only the batch's requests are failed."""
         try:
-            result = self._execute(plan)
+            result = self._execute(batch)
         except Exception as e:
             log.exception("%s step failed", self.thread_name)
-            self._step_failed(plan, e)
+            self._step_failed(batch, e)
             return
-        self._update(plan, result)
+        self._update(batch, result)
 
     # --- each engine's own steps ---------------------------------------------------------------
     def has_work(self) -> bool:
@@ -128,19 +129,19 @@ class EngineLoop(Generic[Plan, Result]):
         raise NotImplementedError
 
     def _step(self, plan: Plan) -> None:
-        """Carry a plan out (lock not held); usually `self._run(plan)` after any preparation."""
-        self._run(plan)
+        """Carry a plan out (lock not held): prepare its batch, then `self._run(batch)`."""
+        raise NotImplementedError
 
-    def _execute(self, plan: Plan) -> Result:
+    def _execute(self, batch: Batch) -> Result:
         """The model's work for one step (lock not held)."""
         raise NotImplementedError
 
-    def _update(self, plan: Plan, result: Result) -> None:
+    def _update(self, batch: Batch, result: Result) -> None:
         """Deliver a step's results to its requests."""
         raise NotImplementedError
 
-    def _step_failed(self, plan: Plan, error: Exception) -> None:
-        """Executing `plan` raised `error`: fail (or retry) its requests."""
+    def _step_failed(self, batch: Batch, error: Exception) -> None:
+        """Executing `batch` raised `error`: fail (or retry) its requests."""
         raise NotImplementedError
 
     def _fail_all(self, message: str) -> None:

@@ -111,7 +111,7 @@ class RowAdapters:
     def adapt_qkv(self, layer: int, x: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         c = self.model
         offsets = {"q": (0, c.q_size), "k": (c.q_size, c.kv_size), "v": (c.q_size + c.kv_size, c.kv_size)}
-        deltas = []
+        deltas: list[tuple[int, int, torch.Tensor] | None] = []
         for t, (start, width) in offsets.items():
             family = self.families.get(f"lora_{t}.a")
             if family is None:
