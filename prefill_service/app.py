@@ -32,11 +32,11 @@ from prefill_service.api_models import (
     error_responses,
 )
 from prefill_service.deps import ServiceDep
+from prefill_service.engine import PrefillRequest
 from prefill_service.http_errors import CLIENT_CLOSED_REQUEST, error_response, http_status, openai_error, stream_error
 from prefill_service.openai_api import build_router
 from prefill_service.service import (
     PrefillService,
-    PreparedRequest,
     ServiceError,
     collect_unless,
     wait_disconnect,
@@ -269,7 +269,7 @@ def _task_rows(service: PrefillService) -> list[dict[str, Any]]:
     return rows
 
 
-async def _collect(req: PreparedRequest, events: AsyncIterator[TokenEvent],
+async def _collect(req: PrefillRequest, events: AsyncIterator[TokenEvent],
                    request: Request) -> Response | GenerateResponse:
     """The whole output as one JSON body; a client that hangs up first aborts the request."""
     result = await collect_unless(events, wait_disconnect(request.receive))
@@ -281,7 +281,7 @@ async def _collect(req: PreparedRequest, events: AsyncIterator[TokenEvent],
                                         completion_tokens=len(result.token_ids)))
 
 
-async def _sse(req: PreparedRequest, events: AsyncIterator[TokenEvent]) -> AsyncIterator[str]:
+async def _sse(req: PrefillRequest, events: AsyncIterator[TokenEvent]) -> AsyncIterator[str]:
     """One `data:` event per token chunk; the last carries finish_reason, usage and adapter_version."""
     num_tokens = 0
     try:

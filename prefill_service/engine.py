@@ -22,7 +22,7 @@ from prad.adapters import Adapter
 from prad.loading import LoadedModel
 from prad.sampling import SamplingParams, sample_one
 from prefill_service.runner import ChunkInput, ChunkOutput, PrefillRunner
-from prefill_service.scheduler import PrefillBatch, PrefillRequest, PrefillScheduler
+from prefill_service.scheduler import PrefillBatch, PrefillScheduler, ScheduledRequest
 from serving.engine_loop import DEFAULT_STALL_TIMEOUT_S, EngineLoop
 from serving.metrics import Metrics
 
@@ -37,20 +37,21 @@ class PrefillConfig:
 
 
 @dataclass(kw_only=True)
-class Request(PrefillRequest):
-    """A prefill request with what the engine needs besides the scheduler's view of it."""
+class PrefillRequest(ScheduledRequest):
+    """One request on the prefill side, from `PrefillService.prepare` to the hand-off: the scheduler's
+    view of it (ids, prompt, progress) plus what the engine needs."""
 
-    adapter: Adapter | None  # pinned at admission: hot swaps never change a running request
-    adapter_version: str
+    adapter: Adapter | None  # pinned when prepared: hot swaps never change a request in flight
+    adapter_version: str  # "base" for no adapter
     sampling: SamplingParams
-    sink: EventSink  # where its events go
-    deadline_s: float | None  # absolute time.time(); decode aborts the request past it
-    arrived_s: float  # time.monotonic() at submission
+    arrived_s: float  # time.monotonic() when the request arrived
+    deadline_s: float | None = None  # absolute time.time(); decode aborts the request past it
+    sink: EventSink | None = None  # where its events go, from submission on
     past_kv: torch.Tensor | None = None  # KV of its earlier chunks, when chunked
     started_s: float | None = None  # when its first chunk was scheduled
 
 
-class PrefillEngine(EngineLoop[PrefillBatch[Request], PrefillBatch[Request], list[ChunkOutput]]):
+class PrefillEngine(EngineLoop[PrefillBatch[PrefillRequest], PrefillBatch[PrefillRequest], list[ChunkOutput]]):
     thread_name = "prefill-engine"
 
     def __init__(self, loaded: LoadedModel, sender: KVSender, config: PrefillConfig,
@@ -61,24 +62,21 @@ class PrefillEngine(EngineLoop[PrefillBatch[Request], PrefillBatch[Request], lis
         self.sender = sender
         self.config = config
         self.runner = PrefillRunner(loaded.model)
-        self.scheduler: PrefillScheduler[Request] = PrefillScheduler(
+        self.scheduler: PrefillScheduler[PrefillRequest] = PrefillScheduler(
             config.max_prefill_tokens, config.max_batch_size, config.max_waiting)
         self.compute_lock = compute_lock or nullcontext()
         super().__init__(stall_timeout_s)
-        self._by_id: dict[str, Request] = {}
+        self._by_id: dict[str, PrefillRequest] = {}
         self.num_steps = 0
 
-    def submit(self, request_id: str, task: str, prompt_token_ids: list[int], adapter: Adapter | None,
-               adapter_version: str, sampling: SamplingParams, sink: EventSink,
-               deadline_s: float | None = None) -> None:
-        """Queue a request; raises QueueFullError when the queue is at its bound and
-        EngineUnavailableError when the engine's loop has stopped."""
+    def submit(self, request: PrefillRequest, sink: EventSink) -> None:
+        """Queue a request whose events go to `sink`; raises QueueFullError when the queue is at its
+        bound and EngineUnavailableError when the engine's loop has stopped."""
         self.check_accepting()
-        request = Request(request_id, task, list(prompt_token_ids), adapter=adapter, adapter_version=adapter_version,
-                          sampling=sampling, sink=sink, deadline_s=deadline_s, arrived_s=time.monotonic())
+        request.sink = sink
         with self._lock:
             self.scheduler.add(request)
-            self._by_id[request_id] = request
+            self._by_id[request.request_id] = request
             self.metrics.num_waiting.labels("prefill").set(self.scheduler.num_waiting)
             self._lock.notify_all()
 
@@ -100,7 +98,7 @@ class PrefillEngine(EngineLoop[PrefillBatch[Request], PrefillBatch[Request], lis
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting)
 
-    def _schedule(self) -> PrefillBatch[Request]:
+    def _schedule(self) -> PrefillBatch[PrefillRequest]:
         batch = self.scheduler.schedule()
         for request in batch.aborted:
             self._by_id.pop(request.request_id, None)
@@ -108,11 +106,11 @@ class PrefillEngine(EngineLoop[PrefillBatch[Request], PrefillBatch[Request], lis
                                       num_prompt_tokens=len(request.prompt_token_ids)))
         return batch
 
-    def _step(self, batch: PrefillBatch[Request]) -> None:
+    def _step(self, batch: PrefillBatch[PrefillRequest]) -> None:
         if batch.chunks:
             self._run(batch)
 
-    def _execute(self, batch: PrefillBatch[Request]) -> list[ChunkOutput]:
+    def _execute(self, batch: PrefillBatch[PrefillRequest]) -> list[ChunkOutput]:
         now = time.monotonic()
         for chunk in batch.chunks:
             request = chunk.request
@@ -126,7 +124,7 @@ class PrefillEngine(EngineLoop[PrefillBatch[Request], PrefillBatch[Request], lis
         self.num_steps += 1
         return outputs
 
-    def _update(self, batch: PrefillBatch[Request], outputs: list[ChunkOutput]) -> None:
+    def _update(self, batch: PrefillBatch[PrefillRequest], outputs: list[ChunkOutput]) -> None:
         with self._lock:
             self.scheduler.update(batch)  # completed prompts stay in _by_id until handed off
             self.metrics.num_waiting.labels("prefill").set(self.scheduler.num_waiting)
@@ -135,7 +133,7 @@ class PrefillEngine(EngineLoop[PrefillBatch[Request], PrefillBatch[Request], lis
             if chunk.is_last:
                 self._hand_off(chunk.request, out)
 
-    def _step_failed(self, batch: PrefillBatch[Request], error: Exception) -> None:
+    def _step_failed(self, batch: PrefillBatch[PrefillRequest], error: Exception) -> None:
         """Run each chunk of a failed batch alone: only requests whose own pass fails get an error."""
         if len(batch.chunks) == 1:  # alone (or retried alone): the request's own failure
             self.metrics.row_failures.labels("prefill").inc()
@@ -153,7 +151,7 @@ class PrefillEngine(EngineLoop[PrefillBatch[Request], PrefillBatch[Request], lis
         self._by_id.clear()
 
     # --- hand-off ----------------------------------------------------------------------------------
-    def _hand_off(self, request: Request, out: ChunkOutput) -> None:
+    def _hand_off(self, request: PrefillRequest, out: ChunkOutput) -> None:
         try:
             self._send(request, out)
         except Exception as e:  # e.g. sampling the first token: this request fails, no other
@@ -169,7 +167,7 @@ class PrefillEngine(EngineLoop[PrefillBatch[Request], PrefillBatch[Request], lis
             if is_aborted:
                 self.sender.abort(request.request_id)
 
-    def _send(self, request: Request, out: ChunkOutput) -> None:
+    def _send(self, request: PrefillRequest, out: ChunkOutput) -> None:
         first = sample_one(out.logits, request.sampling, 0)
         c = self.loaded.config
         layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, str(out.kv.dtype).removeprefix("torch."),
@@ -181,6 +179,7 @@ class PrefillEngine(EngineLoop[PrefillBatch[Request], PrefillBatch[Request], lis
         m.prefill_s.labels(m.task(request.task)).observe(time.monotonic() - started_s)
         m.prompt_tokens.labels(m.task(request.task)).inc(len(request.prompt_token_ids))
         sent_s = time.monotonic()
+        assert request.sink is not None  # set by submit()
         try:
             self.sender.send(handoff, request.sink)
         except Exception as e:  # refused, or the transport is down: the client hears why
@@ -194,7 +193,7 @@ class PrefillEngine(EngineLoop[PrefillBatch[Request], PrefillBatch[Request], lis
             m.kv_transfer_s.labels(transport).observe(time.monotonic() - sent_s)
             m.kv_transfer_bytes.labels(transport).inc(out.kv.numel() * out.kv.element_size())
 
-    def _fail(self, request: Request, kind: ErrorKind, message: str) -> None:
+    def _fail(self, request: PrefillRequest, kind: ErrorKind, message: str) -> None:
         log.error("request %s failed: %s", request.request_id, message)
         with self._lock:
             self.scheduler.drop(request)
@@ -207,8 +206,10 @@ _FAILURE_REASON = {ErrorKind.QUEUE_FULL: "queue_full", ErrorKind.KV_REJECTED: "r
                    ErrorKind.INVALID: "invalid", ErrorKind.UNAVAILABLE: "unavailable"}
 
 
-def _emit(request: Request, event: TokenEvent) -> None:
+def _emit(request: PrefillRequest, event: TokenEvent) -> None:
     """Deliver an event; a consumer that cannot take it (its event loop closed) is only logged."""
+    if request.sink is None:
+        return
     try:
         request.sink(event)
     except Exception:

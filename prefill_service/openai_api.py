@@ -35,10 +35,10 @@ from prefill_service.api_models import (
     error_responses,
 )
 from prefill_service.deps import ServiceDep
+from prefill_service.engine import PrefillRequest
 from prefill_service.http_errors import CLIENT_CLOSED_REQUEST, openai_stream_error
 from prefill_service.service import (
     PrefillService,
-    PreparedRequest,
     ServiceError,
     collect_unless,
     wait_disconnect,
@@ -215,7 +215,7 @@ async def _run(service: PrefillService, gen: GenerateRequest, kind: str, request
     return await _respond(prepared, events, kind, request)
 
 
-async def _respond(req: PreparedRequest, events: AsyncIterator[TokenEvent], kind: str, request: Request) -> Response:
+async def _respond(req: PrefillRequest, events: AsyncIterator[TokenEvent], kind: str, request: Request) -> Response:
     """The whole completion as one JSON body; a client that hangs up first aborts the request."""
     result = await collect_unless(events, wait_disconnect(request.receive))
     if result is None:
@@ -228,18 +228,18 @@ async def _respond(req: PreparedRequest, events: AsyncIterator[TokenEvent], kind
     return JSONResponse({**_envelope(req, kind), "choices": [choice], "usage": _usage(req, len(result.token_ids))})
 
 
-def _envelope(req: PreparedRequest, kind: str) -> dict[str, Any]:
+def _envelope(req: PrefillRequest, kind: str) -> dict[str, Any]:
     prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
     return {"id": f"{prefix}-{req.request_id}", "object": kind, "created": int(time.time()), "model": req.task,
             "system_fingerprint": req.adapter_version}
 
 
-def _usage(req: PreparedRequest, num_tokens: int) -> dict[str, int]:
+def _usage(req: PrefillRequest, num_tokens: int) -> dict[str, int]:
     n = len(req.prompt_token_ids)
     return {"prompt_tokens": n, "completion_tokens": num_tokens, "total_tokens": n + num_tokens}
 
 
-async def _stream(req: PreparedRequest, events: AsyncIterator[TokenEvent], kind: str,
+async def _stream(req: PrefillRequest, events: AsyncIterator[TokenEvent], kind: str,
                   include_usage: bool = False) -> AsyncIterator[str]:
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -267,7 +267,7 @@ async def _stream(req: PreparedRequest, events: AsyncIterator[TokenEvent], kind:
     yield "data: [DONE]\n\n"
 
 
-def _chunk(req: PreparedRequest, obj: str, choice: dict[str, Any] | None,
+def _chunk(req: PrefillRequest, obj: str, choice: dict[str, Any] | None,
            usage: dict[str, int] | None = None) -> str:
     """One SSE event; choice None gives OpenAI's usage-only chunk (`choices: []`)."""
     body: dict[str, Any] = {**_envelope(req, obj), "choices": [] if choice is None else [choice]}

@@ -24,7 +24,9 @@ class PrefillStatus(enum.Enum):
 
 
 @dataclass
-class PrefillRequest:
+class ScheduledRequest:
+    """What scheduling needs of a request (the engine's PrefillRequest adds adapter, sampling, sink)."""
+
     request_id: str
     task: str
     prompt_token_ids: list[int]
@@ -37,7 +39,7 @@ class PrefillRequest:
         return len(self.prompt_token_ids) - self.num_computed_tokens
 
 
-R = TypeVar("R", bound=PrefillRequest)  # the engine's own request type (it adds adapter, sampling, sink)
+R = TypeVar("R", bound=ScheduledRequest)  # the engine's own request type (it adds adapter, sampling, sink)
 
 
 @dataclass

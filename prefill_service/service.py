@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import suppress
-from dataclasses import dataclass
 from typing import Any
 
 from adapters_store.base import UnknownTaskError
@@ -25,7 +24,7 @@ from prad.loading import LoadedModel
 from prad.sampling import MAX_SEED, SamplingParams
 from prefill_service.adapter_cache import AdapterCache
 from prefill_service.api_models import GenerateRequest
-from prefill_service.engine import PrefillEngine
+from prefill_service.engine import PrefillEngine, PrefillRequest
 from serving.metrics import Metrics
 
 BASE_TASK = "base"
@@ -38,17 +37,6 @@ class ServiceError(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
-
-
-@dataclass
-class PreparedRequest:
-    request_id: str
-    task: str
-    adapter: Adapter | None
-    adapter_version: str
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-    arrived_s: float  # time.monotonic() when the request arrived
 
 
 async def collect(events: AsyncIterator[TokenEvent]) -> TokenEvent:
@@ -129,7 +117,7 @@ class PrefillService:
         """The task as a metric label; unknown ids never become labels: anyone could mint them."""
         return task if task == BASE_TASK or task in self.adapters.tasks() else "unknown"
 
-    def prepare(self, body: GenerateRequest) -> PreparedRequest:
+    def prepare(self, body: GenerateRequest) -> PrefillRequest:
         """Everything that can fail before queueing: task, template, tokenization, limits."""
         arrived_s = time.monotonic()
         try:
@@ -142,7 +130,7 @@ class PrefillService:
     def count_error(self, task: str, kind: ErrorKind) -> None:
         self.metrics.request_errors.labels(self.metrics.task(task), kind.value).inc()
 
-    def _prepare(self, body: GenerateRequest, arrived_s: float) -> PreparedRequest:
+    def _prepare(self, body: GenerateRequest, arrived_s: float) -> PrefillRequest:
         adapter, version = self.resolve(body.task)
         prompt = body.prompt
         if prompt is None:
@@ -161,23 +149,23 @@ class PrefillService:
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
         sampling = SamplingParams(body.max_new_tokens, body.temperature, body.top_p, body.top_k, seed,
                                   tuple(body.stop), body.ignore_eos)
-        return PreparedRequest(uuid.uuid4().hex, body.task, adapter, version, ids, sampling, arrived_s)
+        return PrefillRequest(uuid.uuid4().hex, body.task, ids, adapter=adapter, adapter_version=version,
+                              sampling=sampling, arrived_s=arrived_s)
 
-    def submit(self, req: PreparedRequest) -> AsyncIterator[TokenEvent]:
+    def submit(self, req: PrefillRequest) -> AsyncIterator[TokenEvent]:
         """Queue the request (ServiceError QUEUE_FULL when full) and return the stream of its events.
 
         Must be called on the event loop; the stream aborts the request if its consumer goes away.
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        deadline_s = time.time() + self.request_timeout_s
+        deadline_s = req.deadline_s = time.time() + self.request_timeout_s
 
         def sink(event: TokenEvent) -> None:  # called from engine threads
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         try:
-            self.engine.submit(req.request_id, req.task, req.prompt_token_ids, req.adapter, req.adapter_version,
-                               req.sampling, sink, deadline_s)
+            self.engine.submit(req, sink)
         except QueueFullError as e:
             self.count_error(req.task, ErrorKind.QUEUE_FULL)
             raise ServiceError(ErrorKind.QUEUE_FULL, f"server busy: {e}; retry later") from e
@@ -185,7 +173,7 @@ class PrefillService:
             raise self._unavailable(req.task, e) from e
         return self._events(req, events, deadline_s)
 
-    async def _events(self, req: PreparedRequest, events: asyncio.Queue[TokenEvent],
+    async def _events(self, req: PrefillRequest, events: asyncio.Queue[TokenEvent],
                       deadline_s: float) -> AsyncIterator[TokenEvent]:
         """The request's output as chunks: each one is every event the engine has sent since the previous
         chunk (one token when the consumer keeps up; several merged when it falls behind, so a slow
@@ -208,7 +196,7 @@ class PrefillService:
                 self.engine.abort(req.request_id)
                 self.metrics.request_success.labels(self.metrics.task(req.task), "abort").inc()
 
-    async def _next_event(self, req: PreparedRequest, events: asyncio.Queue[TokenEvent],
+    async def _next_event(self, req: PrefillRequest, events: asyncio.Queue[TokenEvent],
                           deadline_s: float) -> TokenEvent:
         if not events.empty():  # no timer when it is already there (most tokens under load)
             return events.get_nowait()
@@ -219,7 +207,7 @@ class PrefillService:
             self.count_error(req.task, ErrorKind.TIMEOUT)
             raise ServiceError(ErrorKind.TIMEOUT, f"request timed out after {self.request_timeout_s:.0f}s") from None
 
-    def _finished(self, req: PreparedRequest, event: TokenEvent, tracker: _LatencyTracker) -> None:
+    def _finished(self, req: PrefillRequest, event: TokenEvent, tracker: _LatencyTracker) -> None:
         if event.finish_reason is FinishReason.ERROR:
             self.count_error(req.task, event.error_kind or ErrorKind.INTERNAL)
         else:
@@ -234,7 +222,7 @@ class PrefillService:
 class _LatencyTracker:
     """TTFT, inter-token latency, e2e latency and generated tokens of one request."""
 
-    def __init__(self, metrics: Metrics, req: PreparedRequest) -> None:
+    def __init__(self, metrics: Metrics, req: PrefillRequest) -> None:
         label = metrics.task(req.task)  # each labelled child looked up once, not per token
         self.ttft_s, self.itl_s = metrics.ttft_s.labels(label), metrics.itl_s.labels(label)
         self.e2e_s, self.generation_tokens = metrics.e2e_s.labels(label), metrics.generation_tokens.labels(label)

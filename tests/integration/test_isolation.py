@@ -22,7 +22,7 @@ from launcher.roles import build_app
 from launcher.settings import ServeSettings
 from prad.reference import reference_generate
 from prad.sampling import SamplingParams
-from prefill_service.engine import PrefillConfig, PrefillEngine
+from prefill_service.engine import PrefillConfig, PrefillEngine, PrefillRequest
 from tests.helpers import random_adapter, running_server
 
 TIMEOUT_S = 60.0
@@ -61,7 +61,12 @@ def engines(smollm2):
 
 def _submit(prefill: PrefillEngine, collector: Collector, rid: str, ids: list[int], sampling: SamplingParams,
             adapter=None) -> None:
-    prefill.submit(rid, "t", ids, adapter, adapter.version if adapter else "base", sampling, collector.sink(rid))
+    prefill.submit(_request(rid, ids, sampling, adapter), collector.sink(rid))
+
+
+def _request(rid: str, ids: list[int], sampling: SamplingParams, adapter=None) -> PrefillRequest:
+    return PrefillRequest(rid, "t", ids, adapter=adapter, adapter_version=adapter.version if adapter else "base",
+                          sampling=sampling, arrived_s=time.monotonic())
 
 
 def _ids(smollm2, text: str) -> list[int]:
@@ -166,7 +171,7 @@ def test_a_consumer_that_cannot_take_events_is_dropped(engines, smollm2) -> None
             raise RuntimeError("event loop closed")
 
     ids = _ids(smollm2, "Tell me a story")
-    prefill.submit("gone", "t", ids, None, "base", SamplingParams(50, ignore_eos=True), broken_sink)
+    prefill.submit(_request("gone", ids, SamplingParams(50, ignore_eos=True)), broken_sink)
     _submit(prefill, col, "ok", ids, SamplingParams(6, ignore_eos=True))
     assert col.result("ok")[1].finish_reason == "length"
     deadline = time.monotonic() + TIMEOUT_S

@@ -13,7 +13,8 @@ import pytest
 from kv_transfer.base import EventSink, TokenEvent, merge_events
 from kv_transfer.outcome import ErrorKind
 from prad.sampling import SamplingParams
-from prefill_service.service import PrefillService, PreparedRequest, ServiceError, collect
+from prefill_service.engine import PrefillRequest
+from prefill_service.service import PrefillService, ServiceError, collect
 from serving.metrics import Metrics
 
 
@@ -37,8 +38,8 @@ class _Engine:
         self.sink: EventSink | None = None
         self.aborted: list[str] = []
 
-    def submit(self, request_id: str, *args: Any) -> None:
-        self.sink = args[-2]
+    def submit(self, request: PrefillRequest, sink: EventSink) -> None:
+        self.sink = sink
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
@@ -50,8 +51,9 @@ def _service(engine: _Engine) -> PrefillService:
                           request_timeout_s=30.0, metrics=Metrics())
 
 
-def _request() -> PreparedRequest:
-    return PreparedRequest("r", "base", None, "base", [1, 2, 3], SamplingParams(max_new_tokens=4), 0.0)
+def _request() -> PrefillRequest:
+    return PrefillRequest("r", "base", [1, 2, 3], adapter=None, adapter_version="base",
+                          sampling=SamplingParams(max_new_tokens=4), arrived_s=0.0)
 
 
 def test_events_sent_while_the_consumer_was_away_arrive_as_one_chunk() -> None:

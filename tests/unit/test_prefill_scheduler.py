@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 
 from kv_transfer.outcome import QueueFullError
-from prefill_service.scheduler import PrefillBatch, PrefillChunk, PrefillRequest, PrefillScheduler, PrefillStatus
+from prefill_service.scheduler import PrefillBatch, PrefillChunk, PrefillScheduler, PrefillStatus, ScheduledRequest
 
 
-def _req(request_id: str, num_tokens: int, task: str = "t") -> PrefillRequest:
-    return PrefillRequest(request_id, task, list(range(1, num_tokens + 1)))
+def _req(request_id: str, num_tokens: int, task: str = "t") -> ScheduledRequest:
+    return ScheduledRequest(request_id, task, list(range(1, num_tokens + 1)))
 
 
 def _spans(batch: PrefillBatch) -> list[tuple[str, int, int, bool]]:
     return [(c.request.request_id, c.start, c.end, c.is_last) for c in batch.chunks]
 
 
-def _ids(requests: list[PrefillRequest]) -> list[str]:
+def _ids(requests: list[ScheduledRequest]) -> list[str]:
     return [r.request_id for r in requests]
 
 
@@ -29,7 +29,7 @@ def test_bad_bounds_are_rejected() -> None:
 def test_empty_prompt_is_a_value_error() -> None:
     sched = PrefillScheduler(max_prefill_tokens=16, max_batch_size=4, max_waiting=4)
     with pytest.raises(ValueError):
-        sched.add(PrefillRequest("empty", "t", []))
+        sched.add(ScheduledRequest("empty", "t", []))
     assert sched.num_waiting == 0
 
 
