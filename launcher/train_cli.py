@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,7 +19,8 @@ BASE_ADAPTER = "base"
 def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register `train` and `eval` on the `prad` subcommand parser."""
     _add_train(sub.add_parser("train", help="train a task adapter; writes the best dev checkpoint"))
-    _add_eval(sub.add_parser("eval", help="greedy-decode a dev/test file through the serving runners and score it"))
+    _add_eval(sub.add_parser("eval", help="greedy-decode a dev/test file through the serving runners and score it "
+                                          "(or, with --server, compare adapter versions on a live server)"))
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -65,7 +68,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", required=True, help="adapter folder, or 'base' for the untuned model")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--adapter", help="adapter folder, or 'base' for the untuned model (local decoding)")
+    source.add_argument("--server", help="live server URL: score --versions of --task through its /generate")
     p.add_argument("--data", type=Path, required=True, help="JSONL file, or a task folder (its dev split)")
     p.add_argument("--max-samples", type=int, default=None, help="a seeded random subset (same as --eval-samples)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
@@ -74,7 +79,27 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-shown", type=int, default=5, help="examples printed with their predictions")
     _add_task_flags(p)
     _add_runtime_flags(p)
+    remote = p.add_argument_group("server mode (--server)")
+    remote.add_argument("--versions", type=_versions_arg, default=None,
+                        help="comma-separated 16-hex adapter versions of --task to compare (needed with --server)")
+    remote.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 8)")
+    remote.add_argument("--timeout", type=float, default=None, help="seconds per request (default 120)")
+    remote.add_argument("--api-key-file", type=Path, default=None, help="file with the API key (or PRAD_API_KEY)")
+    remote.add_argument("--admin-token-file", type=Path, default=None,
+                        help="file with the admin token, needed to pin versions unless the server has "
+                             "--allow-version-pinning (or PRAD_ADMIN_TOKEN)")
+    remote.add_argument("--out", type=Path, default=None, help="also write every example's predictions here (JSON)")
+    remote.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.set_defaults(func=cmd_eval)
+
+
+def _versions_arg(text: str) -> list[str]:
+    from training.remote_eval import parse_versions
+
+    try:
+        return parse_versions(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _set_threads(threads: int | None) -> None:
@@ -100,7 +125,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+_SERVER_ONLY = ("versions", "concurrency", "timeout", "api_key_file", "admin_token_file", "out")
+_LOCAL_ONLY = ("max_input_tokens", "template", "model")
+
+
+def _check_eval_mode(args: argparse.Namespace) -> None:
+    """--adapter and --server take different flags; say which instead of ignoring one."""
+    mode, other = ("--server", _LOCAL_ONLY) if args.server else ("--adapter", _SERVER_ONLY)
+    given = [f"--{name.replace('_', '-')}" for name in other if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not used with {mode}"
+                         + (" (the server formats each version's input with that version's own template)"
+                            if args.server and args.template is not None else ""))
+    if args.server and not args.versions:
+        raise ValueError("--server needs --versions V1[,V2,...] (16-hex adapter versions of --task)")
+    if args.server and not args.task:
+        raise ValueError("--server needs --task (the server's task id)")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ValueError(f"--concurrency {args.concurrency}: expected >= 1")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ValueError(f"--timeout {args.timeout}: expected > 0")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    _check_eval_mode(args)
+    if args.server:
+        return _cmd_eval_server(args)
     from prad.adapters import load_adapter
     from prad.loading import load_model
     from training.data import Tokenizer, load_eval_examples, subset
@@ -124,6 +174,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       training.get("truncate_side", "right"))
     print(json.dumps({"adapter": args.adapter, "adapter_version": adapter.version if adapter else BASE_ADAPTER,
                       "data": str(args.data), "template": spec.template, **result.to_json(args.num_shown)}))
+    return 0
+
+
+def _cmd_eval_server(args: argparse.Namespace) -> int:
+    from training import remote_eval as rv
+    from training.data import load_eval_examples, subset
+    from training.evaluate import eval_examples
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per request
+    spec = rv.remote_task_spec(args.task, args.metric)
+    examples = subset(eval_examples(load_eval_examples(args.data), spec.metric), args.max_samples)
+    headers = rv.auth_headers(rv.read_secret(args.api_key_file, rv.API_KEY_ENV),
+                              rv.read_secret(args.admin_token_file, rv.ADMIN_TOKEN_ENV))
+    concurrency = rv.DEFAULT_CONCURRENCY if args.concurrency is None else args.concurrency
+    timeout_s = rv.DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
+    with rv.make_client(timeout_s, concurrency) as client:
+        try:
+            results = rv.compare_versions(client, args.server, spec.name, args.versions, examples, spec.metric,
+                                          args.max_new_tokens or spec.max_new_tokens, headers, concurrency,
+                                          show_progress=not args.no_progress)
+        except rv.RemoteEvalError as e:
+            print(f"prad: error: {e}", file=sys.stderr)
+            return 1
+    print(rv.format_table(spec.metric, results), file=sys.stderr)
+    summary = {**rv.comparison_json(spec.name, spec.metric, str(args.data), results), "server": args.server}
+    if args.out:
+        args.out.write_text(json.dumps({**summary, "examples": rv.example_rows(examples, results)}, indent=1) + "\n")
+    print(json.dumps({**summary, "examples": rv.example_rows(examples, results, args.num_shown)}))
     return 0
 
 

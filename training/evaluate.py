@@ -4,21 +4,25 @@ The prediction is the first non-empty line of the generated text (skip_special_t
 no target in ../shared/data holds a newline, and the untuned base model rarely stops on its own.
 For BLEU/ROUGE tasks, examples with the same input are merged into one with every target as a
 reference (E2E lists each input once per reference).
+
+`first_line` and `eval_examples` load no torch (the model imports are deferred), so `prad eval --server`
+(training/remote_eval.py) reuses them cheaply.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prad.adapters import Adapter
-from prad.model import Model
 from training.batching import sorted_batches
 from training.data import Example, Tokenizer, fit_input, group_by_input
-from training.decoding import greedy_generate
 from training.metrics import score
 from training.tasks import ACCURACY, TaskSpec, format_prompt
+
+if TYPE_CHECKING:
+    from prad.adapters import Adapter
+    from prad.model import Model
 
 
 @dataclass
@@ -50,6 +54,8 @@ def generate_answers(model: Model, tokenizer: Tokenizer, adapter: Adapter | None
                      template: str, max_new_tokens: int, batch_size: int, max_prompt_tokens: int | None = None,
                      side: str = "right") -> list[str]:
     """Greedy answer per example (first line of the decoded output), batched by prompt length."""
+    from training.decoding import greedy_generate  # torch: imported only when decoding locally
+
     prompts = [tokenizer(format_prompt(template, fit_input(tokenizer, template, ex.input, max_prompt_tokens, side)))
                .input_ids for ex in examples]
     answers = [""] * len(examples)
