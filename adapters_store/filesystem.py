@@ -3,29 +3,32 @@
 Layout:
 
     root/<task>/versions/<version>/{adapter_config.json, adapter.safetensors}   immutable, see version_files
-    root/<task>/state.json   {"active": version | null, "history": [older ... newer]}
+    root/<task>/state.json   {"active": version | null, "history": [older ... newer], "split": [[version, weight], ...]}
     root/.lock               flock'ed by every writer
     root/.tmp/               staging and deletion area
 
 Readers take no lock: versions appear and disappear by rename, and state.json is replaced with
-os.replace, so a reader sees the old pointer or the new one, never a mix. Writers serialise on a
-threading lock (threads of this process) and fcntl.flock on root/.lock (other processes). Version
-bytes are written to staging outside the lock; only the rename into place happens under it.
+os.replace, so a reader sees the old pointer and split or the new ones, never a mix. Writers
+serialise on a threading lock (threads of this process) and fcntl.flock on root/.lock (other
+processes). Version bytes are written to staging outside the lock; only the rename into place
+happens under it.
 
-Notifications are in-process: this store's own writes notify at once, in the order they were made;
-changes made by other processes show up through `poll()`.
+Notifications are in-process: this store's own writes (pointer or split) notify at once, in the
+order they were made; changes made by other processes show up through `poll()`.
 """
 
 from __future__ import annotations
 
 import fcntl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from adapters_store.base import (
     ChangeCallback,
+    Routing,
+    Split,
     StoredAdapter,
     UnknownTaskError,
     UnknownVersionError,
@@ -35,7 +38,17 @@ from adapters_store.base import (
     validate_version,
 )
 from adapters_store.notify import ChangeNotifier
-from adapters_store.state import MAX_HISTORY, TaskState, activated, rolled_back, without_version
+from adapters_store.state import (
+    MAX_HISTORY,
+    TaskState,
+    activated,
+    rolled_back,
+    routing_token,
+    validated_split,
+    with_split,
+    without_split,
+    without_version,
+)
 from adapters_store.version_files import VersionFiles, is_task_id, write_atomic
 from prad.adapters.config import validate_task_id
 from prad.adapters.io import content_version
@@ -43,7 +56,7 @@ from prad.adapters.io import content_version
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
 
-Events = list[tuple[str, "str | None"]]  # (task, new active version) to notify once the write is done
+Events = list[tuple[str, "str | None"]]  # (task, new routing token) to notify once the write is done
 
 
 class FilesystemStore(VersionedAdapterStore):
@@ -64,6 +77,14 @@ class FilesystemStore(VersionedAdapterStore):
 
     def active_version(self, task: str) -> str | None:
         return self._state(task).active if is_task_id(task) else None
+
+    def routing(self, task: str) -> Routing | None:
+        state = self._state(task) if is_task_id(task) else TaskState()
+        return None if state.active is None else Routing(state.active, state.split)
+
+    def split(self, task: str) -> Split | None:
+        routing = self.routing(task)
+        return dict(routing.split) if routing is not None and routing.split else None
 
     def versions(self, task: str) -> list[VersionInfo]:
         self._require_task(task)
@@ -108,6 +129,20 @@ class FilesystemStore(VersionedAdapterStore):
         assert state.active is not None
         return state.active
 
+    def set_split(self, task: str, weights: Mapping[str, int]) -> None:
+        validate_task_id(task)
+        weights = dict(validated_split(weights))  # malformed splits fail before the lock is taken
+        with self._write_then_notify() as events:
+            self._require_task(task)
+            existing = set(self.files.version_ids(task))
+            self._update(task, lambda state: with_split(state, task, weights, existing), events)
+
+    def clear_split(self, task: str) -> None:
+        validate_task_id(task)
+        with self._write_then_notify() as events:
+            self._require_task(task)
+            self._update(task, without_split, events)
+
     def delete_version(self, task: str, version: str) -> None:
         validate_task_id(task)
         validate_version(version)
@@ -136,9 +171,9 @@ class FilesystemStore(VersionedAdapterStore):
     def poll(self) -> dict[str, str | None]:
         snapshot = {}
         for task in self.files.task_ids():
-            active = self._state(task).active
-            if active is not None:
-                snapshot[task] = active
+            token = routing_token(self._state(task))
+            if token is not None:
+                snapshot[task] = token
         return self._notifier.reconcile(snapshot)
 
     # -- internals ---------------------------------------------------------------------------------
@@ -151,13 +186,13 @@ class FilesystemStore(VersionedAdapterStore):
             return TaskState()
 
     def _update(self, task: str, change: Callable[[TaskState], TaskState], events: Events) -> TaskState:
-        """Apply a state transition (under the write lock) and queue a notification if the pointer moved."""
+        """Apply a state transition (under the write lock) and queue a notification if the pointer or split moved."""
         old = self._state(task)
         new = change(old)
         if new != old:
             write_atomic(self.files.task_dir(task) / STATE_FILE, new.to_json())
-        if new.active != old.active:
-            events.append((task, new.active))
+        if routing_token(new) != routing_token(old):
+            events.append((task, routing_token(new)))
         return new
 
     def _require_task(self, task: str) -> None:
@@ -184,6 +219,6 @@ class FilesystemStore(VersionedAdapterStore):
         events: Events = []
         with self._locked():
             yield events
-            for task, active in events:
-                self._notifier.record(task, active)
+            for task, token in events:
+                self._notifier.record(task, token)
         self._notifier.deliver()

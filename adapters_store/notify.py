@@ -1,4 +1,9 @@
-"""In-process change notifications: subscribers, a delivery queue, and the last active version seen.
+"""In-process change notifications: subscribers, a delivery queue, and the last routing token seen.
+
+What is tracked per task is its routing token (`state.routing_token`): the active version, plus the
+traffic split when there is one, so a change of either is a change. Subscribers are called with
+(task, active version): the token's active part, never the token. A bare active version is a valid
+token (a task without a split), so stores and tests may pass plain versions.
 
 A store reports changes three ways: its own writes (`record`, always delivered), a peer's message
 (`observe`, delivered only if it differs from what was last seen, so the echo of our own write is
@@ -17,6 +22,7 @@ import threading
 from collections import deque
 
 from adapters_store.base import ChangeCallback, Unsubscribe
+from adapters_store.state import token_active
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +30,9 @@ log = logging.getLogger(__name__)
 class ChangeNotifier:
     def __init__(self) -> None:
         self._callbacks: list[ChangeCallback] = []
-        self._seen: dict[str, str] = {}  # task -> active version last seen; absent = none
+        self._seen: dict[str, str] = {}  # task -> routing token last seen; absent = no active version
         self._has_baseline = False  # a full snapshot has been recorded
-        self._queue: deque[tuple[str, str | None]] = deque()  # changes not yet delivered, oldest first
+        self._queue: deque[tuple[str, str | None]] = deque()  # (task, active) not yet delivered, oldest first
         self._is_delivering = False  # a thread is draining the queue
         self._lock = threading.Lock()
 
@@ -45,29 +51,31 @@ class ChangeNotifier:
 
         return unsubscribe
 
-    def record(self, task: str, active: str | None) -> None:
-        """Our own write changed the task's active version: queue it (call `deliver` afterwards)."""
+    def record(self, task: str, token: str | None) -> None:
+        """Our own write changed the task's routing token (None: no active version): queue it (call
+        `deliver` afterwards)."""
         with self._lock:
-            self._set_seen(task, active)
-            self._queue.append((task, active))
+            self._set_seen(task, token)
+            self._queue.append((task, token_active(token)))
 
-    def publish(self, task: str, active: str | None) -> None:
+    def publish(self, task: str, token: str | None) -> None:
         """`record` and `deliver` in one."""
-        self.record(task, active)
+        self.record(task, token)
         self.deliver()
 
-    def observe(self, task: str, active: str | None) -> bool:
-        """A peer says the task changed and `active` is its current value; deliver it if it is news."""
+    def observe(self, task: str, token: str | None) -> bool:
+        """A peer says the task changed and `token` is its current routing token; deliver it if it is news."""
         with self._lock:
-            is_news = self._seen.get(task) != active
+            is_news = self._seen.get(task) != token
             if is_news:
-                self._set_seen(task, active)
-                self._queue.append((task, active))
+                self._set_seen(task, token)
+                self._queue.append((task, token_active(token)))
         self.deliver()
         return is_news
 
     def reconcile(self, snapshot: dict[str, str]) -> dict[str, str | None]:
-        """Diff a full {task: active} snapshot against what was seen; deliver and return the changes.
+        """Diff a full {task: routing token} snapshot against what was seen; deliver the changes and
+        return them as {task: active version or None}.
 
         The first snapshot only sets the baseline: there is nothing to compare it with.
         """
@@ -77,10 +85,11 @@ class ChangeNotifier:
                 self._seen, self._has_baseline = dict(snapshot), True
                 return changes
             for task in sorted(set(snapshot) | set(self._seen)):
-                if snapshot.get(task) != self._seen.get(task):
-                    changes[task] = snapshot.get(task)
-                    self._set_seen(task, snapshot.get(task))
-                    self._queue.append((task, snapshot.get(task)))
+                token = snapshot.get(task)
+                if token != self._seen.get(task):
+                    changes[task] = token_active(token)
+                    self._set_seen(task, token)
+                    self._queue.append((task, changes[task]))
         self.deliver()
         return changes
 
@@ -109,11 +118,11 @@ class ChangeNotifier:
                 return None
             return self._queue.popleft(), list(self._callbacks)
 
-    def _set_seen(self, task: str, active: str | None) -> None:
-        if active is None:
+    def _set_seen(self, task: str, token: str | None) -> None:
+        if token is None:
             self._seen.pop(task, None)
         else:
-            self._seen[task] = active
+            self._seen[task] = token
 
     @staticmethod
     def _call(callback: ChangeCallback, task: str, active: str | None) -> None:

@@ -1,15 +1,17 @@
 """A versioned adapter store for many nodes: the index in Redis, the bytes on a shared filesystem.
 
 Redis holds what must be shared and consistent: which tasks and versions exist, each task's active
-pointer and rollback history, and the change channel. Every pointer change is one MULTI/EXEC under
-WATCH (optimistic, retried on a concurrent change) that also PUBLISHes the change, so the pointer
-and the notification cannot disagree. Keys, for prefix P (default "prad:adapters:"):
+pointer, rollback history and traffic split, and the change channel. Every pointer or split change is
+one MULTI/EXEC under WATCH (optimistic, retried on a concurrent change) that also PUBLISHes the
+change, so the pointer, the split and the notification cannot disagree. Keys, for prefix P (default
+"prad:adapters:"):
 
     P tasks                  set of task ids
     P task:<t>:active        string: the active version (absent = none)
     P task:<t>:history       list: previously active versions, oldest first
+    P task:<t>:split         string: the traffic split, [[version, weight], ...] (JSON; absent = none)
     P task:<t>:versions      hash: version -> {"created_s", "num_bytes"} (JSON)
-    P changes                pub/sub channel: {"task", "active"} (JSON) per pointer change
+    P changes                pub/sub channel: {"task", "active"} (JSON) per pointer or split change
 
 The bytes live in immutable version folders on the shared filesystem, in the same layout as
 FilesystemStore (shared_root/<task>/versions/<version>/...), not in Redis: adapters run to tens or
@@ -28,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,8 @@ from redis.retry import Retry
 
 from adapters_store.base import (
     ChangeCallback,
+    Routing,
+    Split,
     StoreCorruptError,
     StoredAdapter,
     StoreUnavailableError,
@@ -52,7 +56,20 @@ from adapters_store.base import (
 )
 from adapters_store.notify import ChangeNotifier
 from adapters_store.redis_listener import ChangeListener
-from adapters_store.state import MAX_HISTORY, TaskState, activated, rolled_back, without_version
+from adapters_store.state import (
+    MAX_HISTORY,
+    SplitPairs,
+    TaskState,
+    activated,
+    rolled_back,
+    routing_token,
+    split_from_list,
+    split_to_list,
+    validated_split,
+    with_split,
+    without_split,
+    without_version,
+)
 from adapters_store.version_files import VersionFiles, is_task_id
 from prad.adapters.config import validate_task_id
 from prad.adapters.io import content_version
@@ -117,6 +134,18 @@ class RedisIndexStore(VersionedAdapterStore):
         with self._redis():
             return self._client.get(self._task_key(task, "active"))
 
+    def routing(self, task: str) -> Routing | None:
+        if not is_task_id(task):
+            return None
+        active_key, split_key = self._task_key(task, "active"), self._task_key(task, "split")
+        with self._redis():
+            active, raw_split = self._client.mget([active_key, split_key])
+        return None if active is None else Routing(active, self._parse_split(raw_split, split_key))
+
+    def split(self, task: str) -> Split | None:
+        routing = self.routing(task)
+        return dict(routing.split) if routing is not None and routing.split else None
+
     def versions(self, task: str) -> list[VersionInfo]:
         with self._redis():
             pipe = self._client.pipeline(transaction=True)
@@ -165,6 +194,15 @@ class RedisIndexStore(VersionedAdapterStore):
         assert new.active is not None
         return new.active
 
+    def set_split(self, task: str, weights: Mapping[str, int]) -> None:
+        validate_task_id(task)
+        weights = dict(validated_split(weights))  # malformed splits fail before Redis is asked
+        self._transact(task, lambda old, existing: with_split(old, task, weights, existing))
+
+    def clear_split(self, task: str) -> None:
+        validate_task_id(task)
+        self._transact(task, lambda old, _: without_split(old))
+
     def delete_version(self, task: str, version: str) -> None:
         validate_task_id(task)
         validate_version(version)
@@ -173,7 +211,7 @@ class RedisIndexStore(VersionedAdapterStore):
 
     def delete_task(self, task: str) -> None:
         validate_task_id(task)
-        keys = [self._task_key(task, name) for name in ("active", "history", "versions")]
+        keys = [self._task_key(task, name) for name in ("active", "history", "split", "versions")]
 
         def body(pipe: Any) -> str | None:
             if not pipe.sismember(self._key("tasks"), task):
@@ -210,7 +248,7 @@ class RedisIndexStore(VersionedAdapterStore):
             log.warning("adapter store: ignoring malformed change message %r", data)
             return
         if is_task_id(task):
-            self._notifier.observe(task, self.active_version(task))
+            self._notifier.observe(task, self._token(task))
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -218,13 +256,16 @@ class RedisIndexStore(VersionedAdapterStore):
         """Read the task's state, apply `change`, write it back and publish, all-or-nothing.
 
         `version`, if given, must exist (UnknownVersionError); with `is_delete` it is also unlisted.
+        A change of the active version or the split is published (and notified here) once.
         """
-        active_key, history_key, versions_key = (self._task_key(task, n) for n in ("active", "history", "versions"))
+        active_key, history_key, split_key, versions_key = (
+            self._task_key(task, n) for n in ("active", "history", "split", "versions"))
 
         def body(pipe: Any) -> tuple[TaskState, TaskState]:
             if not pipe.sismember(self._key("tasks"), task):
                 raise UnknownTaskError(task)
-            old = TaskState(pipe.get(active_key), tuple(pipe.lrange(history_key, 0, -1)))
+            old = TaskState(pipe.get(active_key), tuple(pipe.lrange(history_key, 0, -1)),
+                            self._parse_split(pipe.get(split_key), split_key))
             existing = set(pipe.hkeys(versions_key))
             if version is not None and version not in existing:
                 raise UnknownVersionError(task, version)
@@ -238,22 +279,50 @@ class RedisIndexStore(VersionedAdapterStore):
                     pipe.rpush(history_key, *new.history)
             if new.active != old.active:
                 pipe.set(active_key, new.active)  # rollback and activate always leave one active
+            if new.split != old.split:
+                if new.split:
+                    pipe.set(split_key, json.dumps(split_to_list(new.split)))
+                else:
+                    pipe.delete(split_key)
+            if routing_token(new) != routing_token(old):
                 pipe.publish(self._key("changes"), json.dumps({"task": task, "active": new.active}))
             return old, new
 
         with self._redis():
-            old, new = self._client.transaction(body, self._key("tasks"), active_key, history_key, versions_key,
-                                                value_from_callable=True)
-        if new.active != old.active:
-            self._notifier.publish(task, new.active)
+            old, new = self._client.transaction(body, self._key("tasks"), active_key, history_key, split_key,
+                                                versions_key, value_from_callable=True)
+        if routing_token(new) != routing_token(old):
+            self._notifier.publish(task, routing_token(new))
         return new
 
     def _snapshot(self) -> dict[str, str]:
-        """{task: active version} for every task that has one."""
+        """{task: routing token} for every task with an active version: one MGET of pointers and splits."""
         with self._redis():
             tasks = sorted(self._client.smembers(self._key("tasks")))
-            actives = self._client.mget([self._task_key(t, "active") for t in tasks]) if tasks else []
-        return {task: active for task, active in zip(tasks, actives, strict=True) if active is not None}
+            keys = [self._task_key(t, name) for t in tasks for name in ("active", "split")]
+            values = self._client.mget(keys) if tasks else []
+        snapshot: dict[str, str] = {}
+        for i, task in enumerate(tasks):
+            active, raw_split, split_key = values[2 * i], values[2 * i + 1], keys[2 * i + 1]
+            token = None if active is None else routing_token(Routing(active, self._parse_split(raw_split, split_key)))
+            if token is not None:
+                snapshot[task] = token
+        return snapshot
+
+    def _token(self, task: str) -> str | None:
+        """The task's current routing token (None: no active version)."""
+        routing = self.routing(task)
+        return None if routing is None else routing_token(routing)
+
+    def _parse_split(self, raw: str | None, key: str) -> SplitPairs:
+        """A split key's value as pairs (absent = none); StoreCorruptError naming the key if damaged."""
+        if raw is None:
+            return ()
+        try:
+            return split_from_list(json.loads(raw))
+        except (ValueError, TypeError) as e:
+            raise StoreCorruptError(f"adapter store Redis at {self.redis_url}: key {key!r} holds an unreadable "
+                                    f"traffic split ({e})") from e
 
     def _require_version(self, task: str, version: str) -> None:
         if not is_task_id(task):

@@ -1,9 +1,10 @@
-"""The serving view of a versioned store: task -> active version, kept in memory.
+"""The serving view of a versioned store: task -> routing (active version and traffic split), in memory.
 
 The request path must not wait on the store (a Redis round trip per request, or a Redis outage,
-would become every request's problem). Pointers are refreshed by change notifications (in-process,
-or Redis pub/sub) and by polling as a fallback; during an outage the last known pointers keep
-serving. `stamp(task)` is the active version, so caches keyed by it follow every hot swap.
+would become every request's problem). Routings are refreshed by change notifications (in-process,
+or Redis pub/sub) and by polling as a fallback; during an outage the last known routings keep
+serving. `stamp(task)` is the active version, so caches keyed by it follow every hot swap; a
+notification is only a hint to re-read, so late or repeated ones never roll a routing back.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from adapters_store.base import AdapterStore, StoredAdapter, StoreError, UnknownTaskError, VersionedAdapterStore
+from adapters_store.base import (
+    AdapterStore,
+    Routing,
+    StoredAdapter,
+    StoreError,
+    UnknownTaskError,
+    VersionedAdapterStore,
+)
 from adapters_store.directory import DirectoryStore
 from prad.adapters.config import AdapterError
 
@@ -27,7 +35,7 @@ class ServingStore(AdapterStore):
         self.poll_interval_s = poll_interval_s
         self.on_swap = on_swap or (lambda task, version: None)
         self.seed_errors: dict[str, str] = {}  # seed folders that could not even be read
-        self._active: dict[str, str] = {}
+        self._routing: dict[str, Routing] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll_loop, name="adapter-pointers", daemon=True)
@@ -44,30 +52,41 @@ class ServingStore(AdapterStore):
             self._thread.join(timeout=5)
 
     def refresh(self, is_swap: bool = True) -> None:
-        """Re-read every pointer (start-up, and after an outage); is_swap=False loads them silently."""
-        active = {t: v for t in self.store.tasks() if (v := self.store.active_version(t)) is not None}
+        """Re-read every routing (start-up, and after an outage); is_swap=False loads them silently."""
+        routings = {t: r for t in self.store.tasks() if (r := self.store.routing(t)) is not None}
         with self._lock:
-            changed = {t for t in set(active) | set(self._active) if active.get(t) != self._active.get(t)}
-            self._active = active
-        for task in changed if is_swap else ():
-            self.on_swap(task, active.get(task))
+            old = self._routing
+            self._routing = routings
+        for task in sorted(set(routings) | set(old)) if is_swap else ():
+            self._announce(task, old.get(task), routings.get(task))
 
     def _changed(self, task: str, notified: str | None) -> None:
         # A notification may be stale (a poll's snapshot can be delivered after a newer write), so
-        # the pointer is re-read; only when the store is unreachable is the notified value used.
+        # the routing is re-read; only when the store is unreachable is the notified value used.
         try:
-            version = self.store.active_version(task)
+            routing = self.store.routing(task)
         except (StoreError, OSError):
-            version = notified
+            routing = None if notified is None else Routing(notified)
         with self._lock:
-            if self._active.get(task) == version:
+            old = self._routing.get(task)
+            if old == routing:
                 return
-            if version is None:
-                self._active.pop(task, None)
+            if routing is None:
+                self._routing.pop(task, None)
             else:
-                self._active[task] = version
-        log.info("task %s now serves adapter version %s", task, version)
-        self.on_swap(task, version)
+                self._routing[task] = routing
+        self._announce(task, old, routing)
+
+    def _announce(self, task: str, old: Routing | None, new: Routing | None) -> None:
+        """Log a routing change; hot-swap listeners hear changes of the active version."""
+        if old == new:
+            return
+        if new is not None and new.split:
+            log.info("task %s now splits its traffic %s (active %s)", task, dict(new.split), new.active)
+        else:
+            log.info("task %s now serves adapter version %s", task, None if new is None else new.active)
+        if (old and old.active) != (new and new.active):
+            self.on_swap(task, None if new is None else new.active)
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
@@ -79,21 +98,34 @@ class ServingStore(AdapterStore):
     # --- AdapterStore -----------------------------------------------------------------------------
     def tasks(self) -> list[str]:
         with self._lock:
-            return sorted(set(self._active) | set(self.seed_errors))
+            return sorted(set(self._routing) | set(self.seed_errors))
 
     def stamp(self, task: str) -> str:
         with self._lock:
-            version = self._active.get(task)
-        if version is None:
+            routing = self._routing.get(task)
+        if routing is None:
             if task in self.seed_errors:
                 return "unreadable"
             raise UnknownTaskError(task)
-        return version
+        return routing.active
+
+    def routing(self, task: str) -> Routing:
+        """The task's last known routing, from memory; UnknownTaskError if it has none."""
+        with self._lock:
+            routing = self._routing.get(task)
+        if routing is None:
+            if task in self.seed_errors:
+                return Routing("unreadable")
+            raise UnknownTaskError(task)
+        return routing
 
     def read(self, task: str) -> StoredAdapter:
+        return self.read_version(task, self.stamp(task))
+
+    def read_version(self, task: str, version: str) -> StoredAdapter:
         if task in self.seed_errors:
             raise AdapterError(self.seed_errors[task])
-        return self.store.read_version(task, self.stamp(task))
+        return self.store.read_version(task, version)
 
 
 def seed_from_folder(store: VersionedAdapterStore, folder: Path | None) -> dict[str, str]:

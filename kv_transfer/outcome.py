@@ -23,6 +23,8 @@ class ErrorKind(enum.StrEnum):
 
     INVALID = "invalid"  # malformed or out-of-range request
     UNKNOWN_TASK = "unknown_task"  # no adapter serves this task id
+    UNKNOWN_VERSION = "unknown_version"  # the task has no such adapter version (a pinned request)
+    FORBIDDEN = "forbidden"  # allowed to the operator only (e.g. pinning a version)
     TOO_LONG = "too_long"  # prompt + output exceed the context limit
     QUEUE_FULL = "queue_full"  # a bounded queue is full: retry later
     KV_REJECTED = "kv_rejected"  # decode refused the KV handoff (fingerprint, layout, size, checksum)

@@ -1,4 +1,4 @@
-"""The `prad adapters push|activate|rollback|list` commands: thin clients of the /admin API."""
+"""The `prad adapters push|activate|rollback|list|show|split` commands: thin clients of the /admin API."""
 
 from __future__ import annotations
 
@@ -27,6 +27,17 @@ def run_admin(args: argparse.Namespace, action: str) -> int:
             r = client.post(f"{base}/{args.task}/activate", json={"version": args.version})
         elif action == "rollback":
             r = client.post(f"{base}/{args.task}/rollback")
+        elif action == "show":
+            r = client.get(f"{base}/{args.task}")
+        elif action == "split" and args.end:
+            r = client.delete(f"{base}/{args.task}/split")
+        elif action == "split":
+            try:
+                weights = parse_weights(args.weights)
+            except ValueError as e:
+                print(f"prad: error: {e}", file=sys.stderr)
+                return 2
+            r = client.put(f"{base}/{args.task}/split", json={"weights": weights})
         else:
             r = client.get(base)
     if r.status_code >= 400:
@@ -36,3 +47,19 @@ def run_admin(args: argparse.Namespace, action: str) -> int:
     out = {"task": body["task"], "version": body["version"]} if action == "push" else body
     print(json.dumps(out))
     return 0
+
+
+def parse_weights(pairs: list[str]) -> dict[str, int]:
+    """["V7=90", "V8=10"] -> {"V7": 90, "V8": 10}; ValueError naming a malformed pair (the server checks
+    the rest: versions exist, at least two, summing to 100)."""
+    weights: dict[str, int] = {}
+    for pair in pairs:
+        version, sep, percent = pair.partition("=")
+        if not sep or not version or not percent.strip().isdigit():
+            raise ValueError(f"expected VERSION=PERCENT, got {pair!r}")
+        if version in weights:
+            raise ValueError(f"version {version!r} given twice")
+        weights[version] = int(percent)
+    if not weights:
+        raise ValueError("give VERSION=PERCENT pairs, or --end")
+    return weights

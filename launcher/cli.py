@@ -139,6 +139,18 @@ def _add_admin_commands(adapters: argparse._SubParsersAction) -> None:  # type: 
     listing = adapters.add_parser("list", help="tasks and their versions (JSON)")
     _admin_flags(listing)
     listing.set_defaults(func=lambda a: _admin(a, "list"))
+    show = adapters.add_parser("show", help="one task: versions, traffic split, requests per version (JSON)")
+    _admin_flags(show)
+    show.add_argument("task")
+    show.set_defaults(func=lambda a: _admin(a, "show"))
+    split = adapters.add_parser("split", help="split a task's traffic between versions (canary), e.g. "
+                                              "`prad adapters split sst2 V7=90 V8=10`; --end sends all to the "
+                                              "active version again")
+    _admin_flags(split)
+    split.add_argument("task")
+    split.add_argument("weights", nargs="*", metavar="VERSION=PERCENT", help="at least two, summing to 100")
+    split.add_argument("--end", action="store_true", help="end the split (or activate one version to end it)")
+    split.set_defaults(func=lambda a: _admin(a, "split"))
 
 
 def _admin(args: argparse.Namespace, action: str) -> int:

@@ -184,7 +184,7 @@ def _front_door(settings: ServeSettings, loaded: LoadedModel, sender: KVSender, 
     for task, error in cache.validate_all().items():
         log.error("task %s will not be served: %s", task, error)
     service = PrefillService(loaded, cache, prefill, _max_seq_len(settings, loaded),
-                             settings.request_timeout_s, metrics)
+                             settings.request_timeout_s, metrics, settings.allow_version_pinning)
     life.starts.append(prefill.start)
     life.stops.append(prefill.stop)
     life.stops.insert(0, sender.close)  # closed last (stops run in reverse)
@@ -193,7 +193,8 @@ def _front_door(settings: ServeSettings, loaded: LoadedModel, sender: KVSender, 
     life.checks.append(lambda: _sender_check(sender))
     admin = None
     if settings.admin_token:
-        admin = build_admin_router(AdminService(store, loaded, settings.max_adapter_bytes), settings.admin_token)
+        admin = build_admin_router(AdminService(store, loaded, settings.max_adapter_bytes, cache, metrics),
+                                   settings.admin_token)
     app = create_app(service, life.start, life.stop, life.readiness, settings.api_key, admin,
                      settings.max_adapter_bytes + (2 << 20), liveness=life.liveness,
                      body_timeout_s=settings.http_body_timeout_s)

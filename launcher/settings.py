@@ -50,6 +50,9 @@ class ServeSettings(BaseSettings):
     max_prefill_tokens: int = Field(default=2048, ge=16, description="prompt tokens per prefill pass")
     max_waiting: int = Field(default=256, ge=1, description="queued requests per service before 429")
     max_loaded_adapters: int = Field(default=64, ge=1, description="adapters kept in memory (LRU) per prefill")
+    allow_version_pinning: bool = Field(default=False, description="let every client pin an adapter version "
+                                        "(\"adapter_version\"); without it only requests carrying the admin "
+                                        "token in X-PrAd-Admin-Token may")
     request_timeout_s: float = Field(default=300.0, gt=0, description="a request not finished this long "
                                      "fails (504)")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="decode: on shutdown (SIGTERM), finish "

@@ -2,7 +2,9 @@
 
 A miss reads and validates the adapter in the caller's thread (the HTTP worker of the request that
 needs it), never in the engine loop, so requests of loaded tasks keep flowing. A request holds its
-Adapter object from admission to handoff, so eviction or a version change never touches it.
+Adapter object from admission to handoff, so eviction or a version change never touches it. A
+version that fails validation is remembered as broken (its bytes never change), so requests routed
+to it fail fast instead of re-reading it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from adapters_store.base import AdapterStore, UnknownTaskError
+from adapters_store.base import AdapterStore, Routing, UnknownTaskError
 from prad.adapters import Adapter, AdapterError
 from prad.adapters.config import PRAD_VARIANTS, AdapterConfig
 from prad.adapters.io import content_version, parse_adapter
 from prad.model import Model
+
+MAX_BROKEN = 1024  # broken versions remembered (oldest forgotten first)
 
 
 @dataclass
@@ -52,14 +56,29 @@ class AdapterCache:
         self.on_event = on_event or (lambda event, task: None)
         self._entries: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
         self._infos: dict[str, tuple[str, AdapterInfo]] = {}  # task -> (stamp, info), for describe()
+        self._broken: OrderedDict[tuple[str, str], str] = OrderedDict()  # (task, version) -> why, bounded
         self._lock = threading.Lock()
 
     def tasks(self) -> list[str]:
         return self.store.tasks()
 
-    def get(self, task: str) -> Adapter:
-        """The task's active adapter on the model's device; raises UnknownTaskError / AdapterError."""
-        key = (task, self.store.stamp(task))
+    def routing(self, task: str) -> Routing:
+        """The task's active version and traffic split; UnknownTaskError if it has no active version."""
+        routing = self.store.routing(task)
+        if routing is None:
+            raise UnknownTaskError(task)
+        return routing
+
+    def broken_versions(self, task: str) -> dict[str, str]:
+        """{version: why} for the task's versions that failed to load here."""
+        with self._lock:
+            return {version: why for (t, version), why in self._broken.items() if t == task}
+
+    def get(self, task: str, version: str | None = None) -> Adapter:
+        """The task's adapter on the model's device: `version`, or the active one; raises UnknownTaskError,
+        UnknownVersionError or AdapterError."""
+        version = version or self.store.stamp(task)
+        key = (task, version)
         with self._lock:
             adapter = self._entries.get(key)
             if adapter is not None:
@@ -67,14 +86,20 @@ class AdapterCache:
                 self.stats.hits += 1
                 self.on_event("hit", task)
                 return adapter
+            broken = self._broken.get(key)
             self.stats.misses += 1
+        if broken is not None:
+            raise AdapterError(broken)
         self.on_event("miss", task)
         try:
-            adapter = self._load(task)
-        except (AdapterError, OSError) as e:
-            self._remember(task, key[1], AdapterInfo(key[1], error=str(e)))
+            adapter = self._load(task, version)
+        except AdapterError as e:
+            self._note_broken(key, str(e))
             raise
-        self._remember(task, key[1], AdapterInfo(adapter.version, adapter.config.variant, adapter.config.rank))
+        except OSError as e:  # possibly transient (a shared filesystem): not remembered
+            self._remember(task, version, AdapterInfo(version, error=str(e)))
+            raise
+        self._remember(task, version, AdapterInfo(adapter.version, adapter.config.variant, adapter.config.rank))
         evicted = []
         with self._lock:
             self.stats.loads += 1
@@ -125,10 +150,17 @@ class AdapterCache:
         with self._lock:
             self._infos[task] = (stamp, info)
 
-    def _load(self, task: str) -> Adapter:
-        stored = self.store.read(task)
+    def _note_broken(self, key: tuple[str, str], why: str) -> None:
+        self._remember(key[0], key[1], AdapterInfo(key[1], error=why))
+        with self._lock:
+            self._broken[key] = why
+            while len(self._broken) > MAX_BROKEN:
+                self._broken.popitem(last=False)
+
+    def _load(self, task: str, version: str) -> Adapter:
+        stored = self.store.read_version(task, version)
         adapter = parse_adapter(stored.config_bytes, stored.weight_bytes, self.model.config, self.fingerprint,
-                                source=f"task {task!r}")
+                                source=f"task {task!r} version {version}")
         if adapter.config.variant not in PRAD_VARIANTS:
             raise AdapterError(f"task {task!r}: variant {adapter.config.variant!r} applies to every token and "
                                f"cannot be served by an adapter-free decode; serve a PrAd variant {PRAD_VARIANTS}")

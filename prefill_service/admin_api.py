@@ -1,4 +1,5 @@
-"""Admin API under /admin: upload, list, activate, roll back and delete adapter versions.
+"""Admin API under /admin: upload, list, activate, roll back and delete adapter versions, and split a
+task's traffic between versions (canary / A-B).
 
 Every route needs `Authorization: Bearer <admin token>` (401 without, 403 with a wrong one; compared
 in constant time). The front door's RequestGuard checks it before any body is read (an unauthenticated
@@ -14,7 +15,7 @@ import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Request, UploadFile
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store.base import (
@@ -25,14 +26,18 @@ from adapters_store.base import (
     UnknownTaskError,
     UnknownVersionError,
     VersionedAdapterStore,
+    VersionInfo,
 )
 from prad.adapters import AdapterError
 from prad.adapters.config import PRAD_VARIANTS, validate_task_id
 from prad.adapters.io import parse_adapter
 from prad.loading import LoadedModel
+from prefill_service.adapter_cache import AdapterCache
 from prefill_service.api_models import error_responses
+from serving.metrics import Metrics
 
 DEFAULT_MAX_ADAPTER_BYTES = 256 << 20
+MAX_SPLIT_VERSIONS = 16
 ADMIN_ERRORS = (400, 401, 403, 404, 409, 503)
 BODY_ERRORS = (408, 413, 422)  # routes that take a body: too slow, too big, invalid
 # The store's id rules (prad/adapters/config.py TASK_ID_RE, adapters_store/base.py VERSION_RE) as
@@ -46,13 +51,31 @@ class ActivateBody(BaseModel):
     version: str = Field(pattern=VERSION_PATTERN)
 
 
+class SplitBody(BaseModel):
+    weights: dict[str, StrictInt] = Field(max_length=MAX_SPLIT_VERSIONS,
+                                          description="adapter version -> percent of the task's traffic: at least "
+                                                      "two versions of the task, integers summing to 100")
+
+
 class AdminService:
     """What the admin routes do, apart from HTTP."""
 
-    def __init__(self, store: VersionedAdapterStore, loaded: LoadedModel, max_adapter_bytes: int) -> None:
+    def __init__(self, store: VersionedAdapterStore, loaded: LoadedModel, max_adapter_bytes: int,
+                 cache: AdapterCache | None = None, metrics: Metrics | None = None) -> None:
         self.store = store
         self.loaded = loaded
         self.max_adapter_bytes = max_adapter_bytes
+        self.cache = cache
+        self.metrics = metrics
+
+    def describe(self, task: str) -> dict[str, Any]:
+        """One task: its versions, active version and traffic split, and on this node the requests each
+        version served (how they ended) and the versions that could not be loaded here."""
+        versions = self.store.versions(task)  # UnknownTaskError for an unknown task
+        return {"task": task, "active_version": self.store.active_version(task), "split": self.store.split(task),
+                "versions": [_version_row(v) for v in versions],
+                "served_here": self.metrics.version_counts(task) if self.metrics else {},
+                "unloadable_here": self.cache.broken_versions(task) if self.cache else {}}
 
     def upload(self, task: str, config_bytes: bytes, weight_bytes: bytes) -> str:
         validate_task_id(task)
@@ -67,9 +90,13 @@ class AdminService:
         rows = []
         for task in self.store.known_tasks():
             rows.append({"task": task, "active_version": self.store.active_version(task),
-                         "versions": [{"version": v.version, "created_s": v.created_s, "num_bytes": v.num_bytes,
-                                       "is_active": v.is_active} for v in self.store.versions(task)]})
+                         "split": self.store.split(task),
+                         "versions": [_version_row(v) for v in self.store.versions(task)]})
         return rows
+
+
+def _version_row(v: VersionInfo) -> dict[str, Any]:
+    return {"version": v.version, "created_s": v.created_s, "num_bytes": v.num_bytes, "is_active": v.is_active}
 
 
 def _status_for(e: Exception) -> int:
@@ -138,6 +165,23 @@ def build_admin_router(admin: AdminService, token: str) -> AdminRouter:
     async def activate(task: TaskId, body: ActivateBody) -> dict[str, Any]:
         await _call(admin.store.activate, task, body.version)
         return {"task": task, "version": body.version}
+
+    @router.get("/adapters/{task}")
+    async def describe(task: TaskId) -> dict[str, Any]:
+        return await _call(admin.describe, task)
+
+    @router.put("/adapters/{task}/split", responses=with_body)
+    async def set_split(task: TaskId, body: SplitBody) -> dict[str, Any]:
+        """Split the task's traffic between versions (a canary: e.g. {"v7": 90, "v8": 10}); requests with
+        the same routing key keep their version while the weights stand. Activating a version ends it."""
+        await _call(admin.store.set_split, task, body.weights)
+        return {"task": task, "split": body.weights}
+
+    @router.delete("/adapters/{task}/split")
+    async def clear_split(task: TaskId) -> dict[str, Any]:
+        """End the split: all traffic to the active version."""
+        await _call(admin.store.clear_split, task)
+        return {"task": task, "split": None}
 
     @router.post("/adapters/{task}/rollback")
     async def rollback(task: TaskId) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
 
+from adapters_store.routing import MAX_ROUTING_KEY_CHARS
 from prad.sampling import MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 MAX_PROMPT_CHARS = 200_000
@@ -43,6 +44,12 @@ class GenerateRequest(BaseModel):
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     stream: bool = False
     ignore_eos: bool = False
+    user: str | None = Field(default=None, min_length=1, max_length=MAX_ROUTING_KEY_CHARS,
+                             description="routing key: the same user always gets the same adapter version of "
+                                         "a task's traffic split (or send the X-PrAd-Routing-Key header)")
+    adapter_version: str | None = Field(default=None, pattern="^[0-9a-f]{16}$",
+                                        description="pin this adapter version of the task (only where the "
+                                                    "server allows pinning, or with X-PrAd-Admin-Token)")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:
@@ -161,8 +168,9 @@ class OpenAIError(BaseModel):
 
 
 ERROR_DESCRIPTIONS = {
-    400: "invalid request", 401: "missing or invalid credentials", 403: "wrong admin token",
-    404: "unknown task or version", 408: "request body not received in time", 409: "conflicting change",
+    400: "invalid request", 401: "missing or invalid credentials",
+    403: "wrong admin token, or not allowed (pinning a version)", 404: "unknown task or version",
+    408: "request body not received in time", 409: "conflicting change",
     413: "request body or prompt too large", 422: "request failed validation", 429: "queue full: retry later",
     502: "decode refused the KV handoff", 503: "service or task unavailable", 504: "request timed out",
 }

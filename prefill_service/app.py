@@ -31,7 +31,7 @@ from prefill_service.api_models import (
     Usage,
     error_responses,
 )
-from prefill_service.deps import ServiceDep
+from prefill_service.deps import RouteHintsDep, ServiceDep
 from prefill_service.engine import PrefillRequest
 from prefill_service.http_errors import CLIENT_CLOSED_REQUEST, error_response, http_status, openai_error, stream_error
 from prefill_service.openai_api import build_router
@@ -45,7 +45,7 @@ from prefill_service.service import (
 MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_BODY_TIMEOUT_S = 60.0  # a request body must arrive within this long of its headers
 CLOSE = {"Connection": "close"}  # a refused body is not drained: the connection goes
-GENERATE_ERRORS = (400, 401, 404, 408, 413, 422, 429, 502, 503, 504)
+GENERATE_ERRORS = (400, 401, 403, 404, 408, 413, 422, 429, 502, 503, 504)
 
 
 KEYED_PATHS = ("/v1/", "/generate", "/tasks")  # what --api-key protects
@@ -101,6 +101,7 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
         return JSONResponse({"detail": [{k: e[k] for k in ("loc", "msg", "type")} for e in errors]}, status_code=422)
 
     admin_token = admin_router.token if isinstance(admin_router, AdminRouter) else None
+    app.state.admin_token = admin_token
     app.add_middleware(RequestGuard, api_key=api_key, max_admin_body_bytes=max_admin_body_bytes,
                        admin_token=admin_token)
 
@@ -128,9 +129,11 @@ def create_app(service: PrefillService, on_start: Callable[[], None] | None = No
 
     @app.post("/generate", response_model=None,
               responses={200: {"model": GenerateResponse, "content": SSE}, **error_responses(*GENERATE_ERRORS)})
-    async def generate(body: GenerateRequest, request: Request, service: ServiceDep) -> Response | GenerateResponse:
+    async def generate(body: GenerateRequest, request: Request, service: ServiceDep,
+                       hints: RouteHintsDep) -> Response | GenerateResponse:
         service.check_admission(body.task)  # cheap 429/503 before the adapter and the tokenizer
-        prepared = await run_in_threadpool(service.prepare, body)  # may load an adapter from the store
+        # may load an adapter from the store
+        prepared = await run_in_threadpool(service.prepare, body, hints.routing_key, hints.may_pin)
         events = service.submit(prepared)  # 429 here, before any response starts
         if body.stream:
             return StreamingResponse(_sse(prepared, events), media_type="text/event-stream")

@@ -16,6 +16,8 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before t
 HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.INVALID: 400,
     ErrorKind.UNKNOWN_TASK: 404,
+    ErrorKind.UNKNOWN_VERSION: 404,
+    ErrorKind.FORBIDDEN: 403,
     ErrorKind.TOO_LONG: 413,
     ErrorKind.QUEUE_FULL: 429,
     ErrorKind.INTERNAL: 500,

@@ -34,7 +34,7 @@ from prefill_service.api_models import (
     StopString,
     error_responses,
 )
-from prefill_service.deps import ServiceDep
+from prefill_service.deps import RouteHints, RouteHintsDep, ServiceDep
 from prefill_service.engine import PrefillRequest
 from prefill_service.http_errors import CLIENT_CLOSED_REQUEST, openai_stream_error
 from prefill_service.service import (
@@ -156,7 +156,7 @@ def _to_generate(body: _Sampling, prompt: str | None, max_tokens: int | None,
     try:
         return GenerateRequest(task=body.model, prompt=prompt, input=task_input, max_new_tokens=max_tokens or 256,
                                temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,
-                               stream=body.stream)
+                               stream=body.stream, user=body.user or None)
     except ValidationError as e:
         raise ServiceError(ErrorKind.INVALID, "; ".join(err["msg"] for err in e.errors())) from e
 
@@ -183,21 +183,22 @@ def build_router() -> APIRouter:
     @router.post("/completions", response_model=None,
                  responses={200: {"model": CompletionResponse, "content": SSE},
                             **error_responses(*SERVING_ERRORS, openai=True)})
-    async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Response:
+    async def completions(body: CompletionRequest, request: Request, service: ServiceDep,
+                          hints: RouteHintsDep) -> Response:
         service.check_admission(body.model)
         gen = _to_generate(body, _completion_prompt(body), body.max_tokens, body.input)
-        return await _run(service, gen, "text_completion", request, _include_usage(body))
+        return await _run(service, gen, "text_completion", request, _include_usage(body), hints)
 
     @router.post("/chat/completions", response_model=None,
                  responses={200: {"model": ChatCompletionResponse, "content": SSE},
                             **error_responses(*SERVING_ERRORS, openai=True)})
-    async def chat(body: ChatRequest, request: Request, service: ServiceDep) -> Response:
+    async def chat(body: ChatRequest, request: Request, service: ServiceDep, hints: RouteHintsDep) -> Response:
         service.check_admission(body.model)
         messages = [m.model_dump() for m in body.messages]
         prompt = cast(str, service.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                                          tokenize=False))
         gen = _to_generate(body, prompt, body.max_completion_tokens or body.max_tokens)
-        return await _run(service, gen, "chat.completion", request, _include_usage(body))
+        return await _run(service, gen, "chat.completion", request, _include_usage(body), hints)
 
     return router
 
@@ -207,8 +208,8 @@ def _include_usage(body: _Sampling) -> bool:
 
 
 async def _run(service: PrefillService, gen: GenerateRequest, kind: str, request: Request,
-               include_usage: bool) -> Response:
-    prepared = await run_in_threadpool(service.prepare, gen)
+               include_usage: bool, hints: RouteHints) -> Response:
+    prepared = await run_in_threadpool(service.prepare, gen, hints.routing_key, hints.may_pin)
     events = service.submit(prepared)
     if gen.stream:
         return StreamingResponse(_stream(prepared, events, kind, include_usage), media_type="text/event-stream")

@@ -19,13 +19,14 @@ from typing import Any
 from adapters_store.base import UnknownTaskError
 from kv_transfer.base import TokenEvent, merge_events
 from kv_transfer.outcome import EngineUnavailableError, ErrorKind, FinishReason, QueueFullError
-from prad.adapters import Adapter, AdapterError
+from prad.adapters import Adapter
 from prad.loading import LoadedModel
 from prad.sampling import MAX_SEED, SamplingParams
 from prefill_service.adapter_cache import AdapterCache
 from prefill_service.api_models import GenerateRequest
 from prefill_service.engine import PrefillEngine, PrefillRequest
-from serving.metrics import Metrics
+from prefill_service.versions import VersionError, VersionRouter
+from serving.metrics import Metrics, VersionSeries
 
 BASE_TASK = "base"
 
@@ -75,24 +76,31 @@ async def wait_disconnect(receive: Callable[[], Awaitable[Mapping[str, Any]]]) -
 
 class PrefillService:
     def __init__(self, loaded: LoadedModel, adapters: AdapterCache, engine: PrefillEngine,
-                 max_seq_len: int, request_timeout_s: float, metrics: Metrics | None = None) -> None:
+                 max_seq_len: int, request_timeout_s: float, metrics: Metrics | None = None,
+                 allow_version_pinning: bool = False) -> None:
         self.loaded = loaded
         self.metrics = metrics or Metrics()
         self.adapters = adapters
+        self.versions = VersionRouter(adapters, self.metrics, allow_version_pinning)
         self.engine = engine
         self.max_seq_len = min(max_seq_len, loaded.config.max_position_embeddings)
         self.request_timeout_s = request_timeout_s
 
-    def resolve(self, task: str) -> tuple[Adapter | None, str]:
+    def resolve(self, task: str, routing_key: str | None = None, pinned: str | None = None,
+                may_pin: bool = False) -> tuple[Adapter | None, str]:
+        """The adapter (None for base) and version this request runs with: the task's traffic split
+        decides, sticky per routing key; `pinned` names a version when pinning is allowed."""
         if task == BASE_TASK:
+            if pinned not in (None, BASE_TASK):
+                raise ServiceError(ErrorKind.INVALID, "task 'base' has no adapter versions to pin")
             return None, BASE_TASK
         try:
-            adapter = self.adapters.get(task)
+            adapter = self.versions.select(task, routing_key, pinned, may_pin)
         except UnknownTaskError:
             known = [BASE_TASK, *self.adapters.tasks()]
             raise ServiceError(ErrorKind.UNKNOWN_TASK, f"unknown task {task!r}; known: {known}") from None
-        except (AdapterError, OSError) as e:
-            raise ServiceError(ErrorKind.UNAVAILABLE, f"task {task!r} cannot be served: {e}") from e
+        except VersionError as e:
+            raise ServiceError(e.kind, e.message) from e
         return adapter, adapter.version
 
     def check_admission(self, task: str) -> None:
@@ -117,11 +125,13 @@ class PrefillService:
         """The task as a metric label; unknown ids never become labels: anyone could mint them."""
         return task if task == BASE_TASK or task in self.adapters.tasks() else "unknown"
 
-    def prepare(self, body: GenerateRequest) -> PrefillRequest:
-        """Everything that can fail before queueing: task, template, tokenization, limits."""
+    def prepare(self, body: GenerateRequest, routing_key: str | None = None, may_pin: bool = False) -> PrefillRequest:
+        """Everything that can fail before queueing: task and version, template, tokenization, limits.
+        `routing_key` (else body.user) keeps a user on one version of a split; `may_pin` lets this
+        request name its version (body.adapter_version) even where pinning is not allowed to all."""
         arrived_s = time.monotonic()
         try:
-            return self._prepare(body, arrived_s)
+            return self._prepare(body, arrived_s, routing_key or body.user, may_pin)
         except ServiceError as e:
             # Unknown task ids never become labels: anyone could mint them.
             self.count_error(body.task if e.kind is not ErrorKind.UNKNOWN_TASK else "unknown", e.kind)
@@ -130,8 +140,9 @@ class PrefillService:
     def count_error(self, task: str, kind: ErrorKind) -> None:
         self.metrics.request_errors.labels(self.metrics.task(task), kind.value).inc()
 
-    def _prepare(self, body: GenerateRequest, arrived_s: float) -> PrefillRequest:
-        adapter, version = self.resolve(body.task)
+    def _prepare(self, body: GenerateRequest, arrived_s: float, routing_key: str | None,
+                 may_pin: bool) -> PrefillRequest:
+        adapter, version = self.resolve(body.task, routing_key, body.adapter_version, may_pin)
         prompt = body.prompt
         if prompt is None:
             template = adapter.config.prompt_template if adapter is not None else None
@@ -191,10 +202,15 @@ class PrefillService:
                 if finished:
                     self._finished(req, event, tracker)
                 yield event
+        except ServiceError as e:  # timed out
+            tracker.outcome(f"error:{e.kind}")
+            raise
         finally:
             if not finished:
                 self.engine.abort(req.request_id)
                 self.metrics.request_success.labels(self.metrics.task(req.task), "abort").inc()
+                if tracker.version_outcome is None:
+                    tracker.outcome("abort")
 
     async def _next_event(self, req: PrefillRequest, events: asyncio.Queue[TokenEvent],
                           deadline_s: float) -> TokenEvent:
@@ -210,8 +226,10 @@ class PrefillService:
     def _finished(self, req: PrefillRequest, event: TokenEvent, tracker: _LatencyTracker) -> None:
         if event.finish_reason is FinishReason.ERROR:
             self.count_error(req.task, event.error_kind or ErrorKind.INTERNAL)
+            tracker.outcome(f"error:{event.error_kind or ErrorKind.INTERNAL}")
         else:
             self.metrics.request_success.labels(self.metrics.task(req.task), event.finish_reason).inc()
+            tracker.outcome(str(event.finish_reason))
         log.info("request finished", extra={
             "request_id": req.request_id, "task": req.task, "adapter_version": req.adapter_version,
             "finish_reason": event.finish_reason, "prompt_tokens": len(req.prompt_token_ids),
@@ -220,12 +238,16 @@ class PrefillService:
 
 
 class _LatencyTracker:
-    """TTFT, inter-token latency, e2e latency and generated tokens of one request."""
+    """TTFT, inter-token latency, e2e latency and generated tokens of one request, per task and per
+    adapter version."""
 
     def __init__(self, metrics: Metrics, req: PrefillRequest) -> None:
         label = metrics.task(req.task)  # each labelled child looked up once, not per token
         self.ttft_s, self.itl_s = metrics.ttft_s.labels(label), metrics.itl_s.labels(label)
         self.e2e_s, self.generation_tokens = metrics.e2e_s.labels(label), metrics.generation_tokens.labels(label)
+        self.version = VersionSeries(metrics, req.task, req.adapter_version)
+        self.version.requests.inc()
+        self.version_outcome: str | None = None
         self.arrived_s = req.arrived_s
         self.last_token_s: float | None = None
         self.num_tokens = 0
@@ -235,11 +257,19 @@ class _LatencyTracker:
         for _ in event.token_ids:
             if self.last_token_s is None:
                 self.ttft_s.observe(now - self.arrived_s)
+                self.version.ttft_s.observe(now - self.arrived_s)
             else:
                 self.itl_s.observe(now - self.last_token_s)
+                self.version.itl_s.observe(now - self.last_token_s)
             self.last_token_s = now
         self.num_tokens += len(event.token_ids)
         if event.token_ids:
             self.generation_tokens.inc(len(event.token_ids))
+            self.version.generation_tokens.inc(len(event.token_ids))
         if event.is_final:
             self.e2e_s.observe(now - self.arrived_s)
+
+    def outcome(self, outcome: str) -> None:
+        """How the request ended, for its version: a finish reason, or error:<kind>."""
+        self.version_outcome = outcome
+        self.version.outcome(outcome)

@@ -1,14 +1,18 @@
 """Prometheus metrics, vLLM-style names under a `prad:` prefix, one registry per service instance.
 
 Per-task labels stay bounded: the first `max_task_labels` tasks seen keep their own label, every
-later one is counted under `other` (`base`, `unknown` and `invalid` always keep their own).
+later one is counted under `other` (`base`, `unknown` and `invalid` always keep their own). The
+per-version families (`prad:version_*`, for comparing the versions of a task during a canary) are
+bounded the same way: per task label, the first `max_version_labels` versions keep their own label.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.samples import Sample
 
 OTHER_TASK = "other"
 # Labels outside the cap: no adapter, requests naming no known task, requests that failed validation.
@@ -39,10 +43,50 @@ class TaskLabels:
         return OTHER_TASK
 
 
+class VersionLabels:
+    """Maps (task label, version) to a bounded set of version label values (thread-safe)."""
+
+    def __init__(self, max_version_labels: int) -> None:
+        self.max_version_labels = max_version_labels
+        self._seen: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, task_label: str, version: str) -> str:
+        if task_label == OTHER_TASK:
+            return OTHER_TASK
+        with self._lock:
+            seen = self._seen.setdefault(task_label, set())
+            if version in seen:
+                return version
+            if len(seen) < self.max_version_labels:
+                seen.add(version)
+                return version
+        return OTHER_TASK
+
+
+class VersionSeries:
+    """The labelled children of the per-version families for one (task, version), looked up once."""
+
+    def __init__(self, metrics: Metrics, task: str, version: str) -> None:
+        task_label = metrics.task(task)
+        labels = (task_label, metrics.version(task_label, version))
+        self.labels = labels
+        self.requests = metrics.version_requests.labels(*labels)
+        self.ttft_s = metrics.version_ttft_s.labels(*labels)
+        self.itl_s = metrics.version_itl_s.labels(*labels)
+        self.generation_tokens = metrics.version_generation_tokens.labels(*labels)
+        self._outcomes = metrics.version_outcomes
+
+    def outcome(self, outcome: str) -> None:
+        """A finished request: its finish reason, or error:<kind>."""
+        self._outcomes.labels(*self.labels, outcome).inc()
+
+
 class Metrics:
-    def __init__(self, max_task_labels: int = 100) -> None:
+    def __init__(self, max_task_labels: int = 100, max_version_labels: int = 8) -> None:
         self.registry = CollectorRegistry()
         self.task = TaskLabels(max_task_labels)
+        self.version = VersionLabels(max_version_labels)
         r = self.registry
 
         def hist(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Histogram:
@@ -79,9 +123,42 @@ class Metrics:
                                     "(their own pass, sampling, detokenizing, delivering)", ("service",), registry=r)
         self.adapter_swaps = Counter("prad:adapter_hot_swaps", "Active adapter version changes", ("task",),
                                      registry=r)
+        version = ("task", "version")
+        self.version_requests = Counter("prad:version_requests", "Requests routed to an adapter version", version,
+                                        registry=r)
+        self.version_outcomes = Counter("prad:version_request_outcomes", "Finished requests per adapter version: "
+                                        "finish reason, or error:<kind>", (*version, "outcome"), registry=r)
+        self.version_ttft_s = hist("version_time_to_first_token_seconds", "Arrival to first token, per adapter "
+                                   "version", version, LATENCY_BUCKETS_S)
+        self.version_itl_s = hist("version_inter_token_latency_seconds", "Gap between output tokens, per adapter "
+                                  "version", version, ITL_BUCKETS_S)
+        self.version_generation_tokens = Counter("prad:version_generation_tokens", "Tokens generated, per adapter "
+                                                 "version", version, registry=r)
+        self.version_load_failures = Counter("prad:version_load_failures", "Adapter versions of a split this node "
+                                             "could not load (their traffic went to the others)", version,
+                                             registry=r)
+
+    def version_counts(self, task: str) -> dict[str, dict[str, Any]]:
+        """This process's requests per adapter version of `task`, and how they ended (admin view)."""
+        label = self.task(task)
+        counts: dict[str, dict[str, Any]] = {}
+        for sample in _samples(self.version_requests):
+            if sample.labels["task"] == label:
+                counts.setdefault(sample.labels["version"], {"requests": 0, "outcomes": {}})["requests"] = \
+                    int(sample.value)
+        for sample in _samples(self.version_outcomes):
+            if sample.labels["task"] == label:
+                entry = counts.setdefault(sample.labels["version"], {"requests": 0, "outcomes": {}})
+                entry["outcomes"][sample.labels["outcome"]] = int(sample.value)
+        return counts
 
     def adapter_event(self, event: str, task: str) -> None:
         self.adapter_cache.labels(self.task(task), event).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _samples(counter: Counter) -> list[Sample]:
+    """A counter's `_total` samples (not `_created`)."""
+    return [s for metric in counter.collect() for s in metric.samples if s.name.endswith("_total")]

@@ -14,7 +14,10 @@ import pytest
 import redis
 
 from adapters_store.base import (
+    InvalidSplitError,
+    Routing,
     StoreConflictError,
+    StoreCorruptError,
     StoreUnavailableError,
     UnknownTaskError,
     UnknownVersionError,
@@ -210,3 +213,133 @@ def test_unreachable_redis_names_the_server_without_the_password(tmp_path: Path)
         assert time.monotonic() - started < 3.0
     assert "redis://:***@127.0.0.1" in str(raised.value)
     assert "s3cret" not in str(raised.value)
+
+
+# -- traffic splits --------------------------------------------------------------------------------
+
+
+def split_key(task: str) -> str:
+    return f"{PREFIX}task:{task}:split"
+
+
+def test_split_is_shared_and_stored_next_to_the_pointer(make_node: MakeNode, redis_server: RedisServer) -> None:
+    a_node, b_node = make_node(), make_node()
+    a, b, c = (a_node.put("t1", *blob(n)) for n in (1, 2, 3))
+    a_node.activate("t1", a)
+    assert (b_node.split("t1"), b_node.routing("t1")) == (None, Routing(a))
+    a_node.set_split("t1", {b: 10, a: 90})
+    assert b_node.split("t1") == {a: 90, b: 10}
+    assert b_node.routing("t1") == Routing(a, tuple(sorted([(a, 90), (b, 10)])))
+    assert b_node.active_version("t1") == a and b_node.read("t1").version == a  # the baseline stays active
+    with redis.Redis.from_url(redis_server.url, decode_responses=True) as client:
+        assert json.loads(client.get(split_key("t1"))) == [[v, w] for v, w in sorted([(a, 90), (b, 10)])]
+        b_node.set_split("t1", {b: 50, c: 50})  # replaces it; need not include the active version
+        assert b_node.split("t1") == {b: 50, c: 50}
+        b_node.clear_split("t1")
+        b_node.clear_split("t1")  # no split: a no-op
+        assert client.get(split_key("t1")) is None
+    assert (a_node.split("t1"), a_node.routing("t1")) == (None, Routing(a))
+    for task in ("t2", "Not A Task"):
+        assert (a_node.split(task), a_node.routing(task)) == (None, None)
+
+
+def test_split_errors(make_node: MakeNode) -> None:
+    node = make_node()
+    a, b = node.put("t1", *blob(1)), node.put("t1", *blob(2))
+    with pytest.raises(StoreConflictError, match="no active version"):
+        node.set_split("t1", {a: 50, b: 50})
+    node.activate("t1", a)
+    missing = "0123456789abcdef"
+    with pytest.raises(UnknownVersionError, match=f"has no version '{missing}'"):
+        node.set_split("t1", {a: 50, missing: 50})
+    with pytest.raises(UnknownTaskError):
+        node.set_split("t2", {a: 50, b: 50})
+    with pytest.raises(UnknownTaskError):
+        node.clear_split("t2")
+    with pytest.raises(InvalidSplitError, match="integer from 0 to 100, got True"):
+        node.set_split("t1", {a: True, b: 99})
+    with pytest.raises(InvalidSplitError, match="sum to exactly 100"):
+        node.set_split("t1", {a: 60, b: 60})
+    with pytest.raises(AdapterError, match="invalid task id"):
+        node.set_split("Not A Task", {a: 50, b: 50})
+    assert node.split("t1") is None
+
+
+def test_activate_rollback_and_deletion_with_a_split(make_node: MakeNode, redis_server: RedisServer) -> None:
+    node = make_node()
+    a, b, c = (node.put("t1", *blob(n)) for n in (1, 2, 3))
+    node.activate("t1", a)
+    node.activate("t1", b)
+    node.set_split("t1", {b: 90, c: 10})
+    with pytest.raises(StoreConflictError, match=f"'{c}' is in the live traffic split; change or end the split"):
+        node.delete_version("t1", c)
+    assert c in [info.version for info in node.versions("t1")]
+    node.activate("t1", c)  # promote the canary: the split ends in the same transaction
+    assert node.routing("t1") == Routing(c)
+    node.set_split("t1", {b: 90, c: 10})
+    assert node.rollback("t1") == b
+    assert node.routing("t1") == Routing(b)
+    node.set_split("t1", {a: 50, b: 50})
+    node.delete_task("t1")
+    with redis.Redis.from_url(redis_server.url) as client:
+        assert client.exists(split_key("t1")) == 0
+    node.put("t1", *blob(1))
+    node.activate("t1", a)
+    assert node.routing("t1") == Routing(a)  # a task created again starts without the old split
+
+
+def test_split_on_one_node_notifies_the_other_within_a_second(make_node: MakeNode,
+                                                              redis_server: RedisServer) -> None:
+    a_node, b_node, heard = make_node(), make_node(), Heard()
+    a, b, c = (a_node.put("t1", *blob(n)) for n in (1, 2, 3))
+    a_node.activate("t1", a)
+    b_node.subscribe(heard)
+    with redis.Redis.from_url(redis_server.url, decode_responses=True) as client, client.pubsub() as channel:
+        channel.subscribe(f"{PREFIX}changes")
+        assert channel.get_message(timeout=1.0)["type"] == "subscribe"  # listening before the first write
+        a_node.set_split("t1", {a: 90, b: 10})
+        assert heard.wait_for("t1", a, timeout_s=1.0) < 1.0  # called with the active version, not the split
+        assert b_node.split("t1") == {a: 90, b: 10}
+        a_node.set_split("t1", {b: 10, a: 90})  # the same split: nothing published
+        a_node.clear_split("t1")
+        a_node.activate("t1", c)
+        heard.wait_for("t1", c, timeout_s=1.0)
+        published = []
+        while (message := channel.get_message(timeout=0.5)) is not None:
+            if message["type"] == "message":
+                published.append(json.loads(message["data"]))
+    assert published == [{"task": "t1", "active": a}, {"task": "t1", "active": a}, {"task": "t1", "active": c}]
+    # A message only says "re-read": by then the split may already be cleared, so the clear is heard
+    # as its own event or folded into the activation's.
+    assert [e[:2] for e in heard.events] in ([("t1", a), ("t1", a), ("t1", c)], [("t1", a), ("t1", c)])
+
+
+def test_polling_catches_a_split_change_whose_message_was_missed(make_node: MakeNode,
+                                                                 redis_server: RedisServer) -> None:
+    a_node, heard = make_node(), Heard()
+    a, b = a_node.put("t1", *blob(1)), a_node.put("t1", *blob(2))
+    a_node.activate("t1", a)
+    b_node = make_node(poll_interval_s=0.2)
+    b_node.subscribe(heard)
+    with redis.Redis.from_url(redis_server.url) as client:  # behind pub/sub's back
+        client.set(split_key("t1"), json.dumps([[a, 70], [b, 30]]))
+    assert heard.wait_for("t1", a, timeout_s=1.0) < 1.0
+    assert b_node.split("t1") == {a: 70, b: 30}
+
+    c_node = make_node()  # no listener: an explicit poll() does the same
+    assert c_node.poll() == {}  # baseline
+    a_node.set_split("t1", {a: 20, b: 80})
+    assert c_node.poll() == {"t1": a}
+    assert c_node.poll() == {}
+    a_node.clear_split("t1")
+    assert c_node.poll() == {"t1": a}
+
+
+def test_a_damaged_split_key_is_reported_naming_it(make_node: MakeNode, redis_server: RedisServer) -> None:
+    node = make_node()
+    a = node.put("t1", *blob(1))
+    node.activate("t1", a)
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.set(split_key("t1"), "{not json")
+    with pytest.raises(StoreCorruptError, match="task:t1:split"):
+        node.routing("t1")

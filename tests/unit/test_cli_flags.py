@@ -49,7 +49,9 @@ def test_every_setting_has_exactly_one_flag_named_after_it_defaulting_to_none() 
     actions = _field_actions(_serve_parser())
     assert sorted(a.dest for a in actions) == sorted(ServeSettings.model_fields)
     for action in actions:
-        assert action.option_strings == [flag_name(action.dest)], action.option_strings
+        is_bool = ServeSettings.model_fields[action.dest].annotation is bool
+        negative = ["--no-" + flag_name(action.dest)[2:]] if is_bool else []  # --x/--no-x
+        assert action.option_strings == [flag_name(action.dest), *negative], action.option_strings
         assert action.default is None, action.dest  # unset flags must fall through to PRAD_* and the defaults
 
 

@@ -10,7 +10,9 @@ import pytest
 
 from adapters_store import version_files
 from adapters_store.base import (
+    InvalidSplitError,
     InvalidVersionError,
+    Routing,
     StoreConflictError,
     StoreCorruptError,
     UnknownTaskError,
@@ -164,7 +166,7 @@ def test_state_file_is_json_and_no_temp_files_remain(store: FilesystemStore) -> 
     store.activate("t1", a)
     store.activate("t1", b)
     state = json.loads((store.root / "t1" / "state.json").read_text())
-    assert state == {"active": b, "history": [a]}
+    assert state == {"active": b, "history": [a], "split": []}
     assert sorted(p.name for p in (store.root / "t1").iterdir()) == ["state.json", "versions"]
 
 
@@ -232,3 +234,130 @@ def test_version_ids_must_match_whole(version: str) -> None:
 
     with pytest.raises(Exception, match="version"):
         validate_version(version)
+
+
+# -- traffic splits --------------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str | None]] = []
+
+    def __call__(self, task: str, active: str | None) -> None:
+        self.events.append((task, active))
+
+
+def test_set_and_clear_split(store: FilesystemStore) -> None:
+    a, b, c = put_abc(store)
+    store.activate("t1", a)
+    assert (store.split("t1"), store.routing("t1")) == (None, Routing(a))
+    store.set_split("t1", {b: 10, a: 90})
+    assert store.split("t1") == {a: 90, b: 10}
+    assert store.routing("t1") == Routing(a, tuple(sorted([(a, 90), (b, 10)])))
+    assert store.active_version("t1") == a  # the baseline stays active: read/stamp serve it
+    assert store.read("t1").version == a
+    store.set_split("t1", {b: 50, c: 50})  # replaces the split; need not include the active version
+    assert store.split("t1") == {b: 50, c: 50}
+    state = json.loads((store.root / "t1" / "state.json").read_text())
+    assert state == {"active": a, "history": [], "split": [[v, 50] for v in sorted([b, c])]}
+    store.clear_split("t1")
+    store.clear_split("t1")  # no split: a no-op
+    assert (store.split("t1"), store.routing("t1")) == (None, Routing(a))
+
+
+def test_split_reads_of_unknown_or_inactive_tasks(store: FilesystemStore) -> None:
+    store.put("t1", CONFIG_A, WEIGHTS_A)
+    for task in ("t1", "t2", "Not A Task"):
+        assert store.split(task) is None
+        assert store.routing(task) is None
+
+
+def test_set_split_errors(store: FilesystemStore) -> None:
+    a, b, _ = put_abc(store)
+    with pytest.raises(StoreConflictError, match="no active version"):
+        store.set_split("t1", {a: 50, b: 50})
+    store.activate("t1", a)
+    missing = "0123456789abcdef"
+    with pytest.raises(UnknownVersionError, match=f"has no version '{missing}'"):
+        store.set_split("t1", {a: 50, missing: 50})
+    with pytest.raises(UnknownTaskError):
+        store.set_split("t2", {a: 50, b: 50})
+    with pytest.raises(UnknownTaskError):
+        store.clear_split("t2")
+    with pytest.raises(InvalidSplitError, match="sum to exactly 100, got 99"):
+        store.set_split("t1", {a: 50, b: 49})
+    with pytest.raises(InvalidSplitError, match="invalid adapter version"):
+        store.set_split("t1", {a: 50, "../../x": 50})
+    with pytest.raises(InvalidSplitError, match="at least 2 versions"):
+        store.set_split("t1", {a: 100})
+    with pytest.raises(AdapterError, match="invalid task id"):
+        store.set_split("Bad", {a: 50, b: 50})
+    with pytest.raises(AdapterError, match="invalid task id"):
+        store.clear_split("Bad")
+    assert store.split("t1") is None
+
+
+def test_activate_and_rollback_end_the_split(store: FilesystemStore) -> None:
+    a, b, c = put_abc(store)
+    store.activate("t1", a)
+    store.activate("t1", b)
+    store.set_split("t1", {b: 90, c: 10})
+    store.activate("t1", c)  # promote the canary
+    assert store.routing("t1") == Routing(c)
+    store.set_split("t1", {b: 90, c: 10})
+    assert store.rollback("t1") == b  # abort: back to the previous version, split gone
+    assert store.routing("t1") == Routing(b)
+    store.set_split("t1", {b: 90, c: 10})
+    store.activate("t1", b)  # re-activating the baseline ends the canary
+    assert store.routing("t1") == Routing(b)
+
+
+def test_deleting_a_version_in_the_split_is_refused(store: FilesystemStore) -> None:
+    a, b, c = put_abc(store)
+    store.activate("t1", a)
+    store.set_split("t1", {a: 90, b: 10})
+    with pytest.raises(StoreConflictError, match=f"'{b}' is in the live traffic split; change or end the split"):
+        store.delete_version("t1", b)
+    assert store.read_version("t1", b).version == b
+    store.delete_version("t1", c)  # not in the split
+    store.clear_split("t1")
+    store.delete_version("t1", b)
+    assert [info.version for info in store.versions("t1")] == [a]
+
+
+def test_split_changes_notify_with_the_active_version(store: FilesystemStore) -> None:
+    a, b, c = put_abc(store)
+    heard = Recorder()
+    store.subscribe(heard)
+    store.activate("t1", a)
+    store.set_split("t1", {a: 90, b: 10})
+    store.set_split("t1", {b: 10, a: 90})  # the same split: no event
+    store.set_split("t1", {a: 50, b: 50})
+    store.clear_split("t1")
+    store.clear_split("t1")  # no split: no event
+    store.set_split("t1", {a: 90, c: 10})
+    store.activate("t1", c)  # the pointer moves and the split ends: one event
+    assert heard.events == [("t1", a)] * 5 + [("t1", c)]
+
+
+def test_poll_in_another_instance_sees_split_changes(tmp_path: Path) -> None:
+    writer, node, heard = FilesystemStore(tmp_path), FilesystemStore(tmp_path), Recorder()
+    a, b, _ = put_abc(writer)
+    writer.activate("t1", a)
+    node.subscribe(heard)  # baseline: t1 -> a, no split
+    writer.set_split("t1", {a: 90, b: 10})
+    assert node.poll() == {"t1": a}  # the active version did not move, but the split did
+    assert node.routing("t1") == Routing(a, tuple(sorted([(a, 90), (b, 10)])))
+    assert node.poll() == {}
+    writer.clear_split("t1")
+    assert node.poll() == {"t1": a}
+    assert heard.events == [("t1", a), ("t1", a)]
+
+
+def test_state_file_without_split_is_still_readable(store: FilesystemStore) -> None:
+    a, b, _ = put_abc(store)
+    (store.root / "t1" / "state.json").write_text(json.dumps({"active": a, "history": [b]}))  # an older store
+    assert store.routing("t1") == Routing(a)
+    store.set_split("t1", {a: 90, b: 10})
+    assert store.split("t1") == {a: 90, b: 10}
+    assert store.rollback("t1") == b
