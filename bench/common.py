@@ -7,9 +7,12 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +26,7 @@ from prad.loading import LoadedModel, load_model
 from prad.machine import cpuinfo
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -212,6 +216,46 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The run's arguments as JSON-ready values (paths as strings)."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+@contextmanager
+def serve_app(app: Any, timeout_s: float = 120.0) -> Iterator[str]:
+    """Serve a FastAPI app with uvicorn on a loopback port until the block ends; yields its base URL
+    once /readyz answers 200."""
+    import httpx
+    import uvicorn
+
+    from launcher.local import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="bench-uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server at {url} did not become ready")
+        time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def run_http_load(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """One run of the load generator (bench/http_load.py) in its own process, as clients are."""
+    proc = subprocess.run([sys.executable, "-m", "bench.http_load"], input=json.dumps(job), capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the load generator failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)
 
 
 def save_results(out_dir: Path, name: str, payload: dict[str, Any], draw: Callable[[Path], None]) -> None:

@@ -11,9 +11,10 @@ client used ~1.2 s of CPU per 64 x 64-token run, with a shared 64-connection htt
 pool rescans every connection on each request event).
 
 Job: {"url": "http://host:port", "requests": [{"task", "prompt", "prompt_tokens"}], "gen"}.
-Result: {"total_s", "prefill_s", "client_cpu_s", "tokens": [[ids] per request]}: total from just
-before the requests are sent until the last stream ends; prefill until the last request's first
-token; client_cpu_s the load generator's own CPU time in that window.
+Result: {"total_s", "prefill_s", "ttft_s", "client_cpu_s", "tokens": [[ids] per request]}: total
+from just before the requests are sent until the last stream ends; prefill until the last request's
+first token; ttft_s each request's time to its first token; client_cpu_s the load generator's own
+CPU time in that window.
 Every request must end with finish_reason "length", `gen` tokens and its expected prompt token count,
 else the process exits non-zero naming the request.
 """
@@ -122,7 +123,7 @@ async def run_load(url: str, requests: list[Request], gen: int) -> dict[str, Any
         for _, writer in conns:
             writer.close()
     return {"total_s": total, "prefill_s": max(first for first, _ in outs) - start, "client_cpu_s": cpu,
-            "tokens": [ids for _, ids in outs]}
+            "ttft_s": [first - start for first, _ in outs], "tokens": [ids for _, ids in outs]}
 
 
 def parse_job(text: str) -> tuple[str, list[Request], int]:

@@ -79,13 +79,9 @@ Run from the repo root: `python -m bench.multitask` (paper preset) or, for a smo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -96,7 +92,6 @@ from typing import Any
 
 import httpx
 import torch
-import uvicorn
 from tqdm import tqdm
 
 from bench.common import (
@@ -107,7 +102,9 @@ from bench.common import (
     median,
     parse_ints,
     pyplot,
+    run_http_load,
     save_results,
+    serve_app,
     settings_of,
     setup_threads,
     synchronize,
@@ -153,7 +150,6 @@ WORD_RE = re.compile(r" [a-z]{3,10}")
 LORA_ALPHA = 16.0
 LORA_TARGETS = ("q", "v")
 GRPC_HOST = "127.0.0.1"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 LOAD_TIMEOUT_S = 3600.0  # one run of the load generator
 SERVER_METRICS = {"prefill_s": "prad:request_prefill_time_seconds", "ttft_s": "prad:time_to_first_token_seconds",
                   "e2e_s": "prad:e2e_request_latency_seconds"}
@@ -269,27 +265,8 @@ def serving(loaded: LoadedModel, adapters_root: Path, transport: str, args: argp
         decode_addr=f"{GRPC_HOST}:{grpc_port}", adapters=adapters_root, device=args.device, dtype=dtype,
         max_batch_size=args.requests, max_prefill_tokens=args.max_prefill_tokens, max_waiting=max(256, args.requests),
         max_loaded_adapters=max(64, 2 * max(args.tasks)), request_timeout_s=3600.0, log_level="warning")
-    app = build_app(settings, loaded)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{transport}", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"the {transport} server did not become ready")
-        time.sleep(0.1)
-    try:
+    with serve_app(build_app(settings, loaded), timeout_s) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
 
 
 def parse_metrics(text: str) -> dict[str, tuple[float, float]]:
@@ -327,11 +304,7 @@ def http_run(url: str, tasks: list[str], work: Workload) -> RunTiming:
            "requests": [{"task": task, "prompt": work.texts[i], "prompt_tokens": len(work.prompt_ids[i])}
                         for i, task in enumerate(tasks)]}
     before = parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
-    proc = subprocess.run([sys.executable, "-m", "bench.http_load"], input=json.dumps(job), capture_output=True,
-                          text=True, cwd=REPO_ROOT, timeout=LOAD_TIMEOUT_S)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the load generator failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    out = json.loads(proc.stdout)
+    out = run_http_load(job, LOAD_TIMEOUT_S)
     after = parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
     return RunTiming(out["total_s"], out["prefill_s"], out["total_s"] - out["prefill_s"], out["tokens"],
                      metrics_delta(before, after))

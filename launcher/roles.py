@@ -168,9 +168,9 @@ def make_sender(settings: ServeSettings) -> KVSender:
 
 def _front_door(settings: ServeSettings, loaded: LoadedModel, sender: KVSender, lock: AbstractContextManager[object]
                 | None, metrics: Metrics, life: Lifecycle) -> FastAPI:
-    prefill = PrefillEngine(loaded, sender, PrefillConfig(settings.max_prefill_tokens, settings.max_prefill_batch,
-                                                         settings.max_waiting),
-                            lock, metrics, settings.engine_stall_timeout_s)
+    config = PrefillConfig(settings.max_prefill_tokens, settings.max_prefill_batch, settings.max_waiting,
+                           settings.prefix_cache_mb << 20, settings.prefix_cache_block_tokens)
+    prefill = PrefillEngine(loaded, sender, config, lock, metrics, settings.engine_stall_timeout_s)
     store = _versioned_store(settings, life)
     seed_errors = seed_from_folder(store, settings.adapters)
     # Created after seeding, so only changes made while serving count as hot swaps.

@@ -50,6 +50,10 @@ class ServeSettings(BaseSettings):
     max_prefill_tokens: int = Field(default=2048, ge=16, description="prompt tokens per prefill pass")
     max_waiting: int = Field(default=256, ge=1, description="queued requests per service before 429")
     max_loaded_adapters: int = Field(default=64, ge=1, description="adapters kept in memory (LRU) per prefill")
+    prefix_cache_mb: int = Field(default=256, ge=0, description="prefill: MiB of prompt KV kept for later prompts "
+                                 "that start the same way under the same adapter version (0 = off)")
+    prefix_cache_block_tokens: int = Field(default=16, ge=1, le=1024, description="prefix cache granularity: a "
+                                           "prefix is reused in whole blocks of this many tokens")
     allow_version_pinning: bool = Field(default=False, description="let every client pin an adapter version "
                                         "(\"adapter_version\"); without it only requests carrying the admin "
                                         "token in X-PrAd-Admin-Token may")

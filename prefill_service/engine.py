@@ -21,6 +21,7 @@ from kv_transfer.outcome import ErrorKind, FinishReason, error_kind, refusal_mes
 from prad.adapters import Adapter
 from prad.loading import LoadedModel
 from prad.sampling import SamplingParams, sample_one
+from prefill_service.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache
 from prefill_service.runner import ChunkInput, ChunkOutput, PrefillRunner
 from prefill_service.scheduler import PrefillBatch, PrefillScheduler, ScheduledRequest
 from serving.engine_loop import DEFAULT_STALL_TIMEOUT_S, EngineLoop
@@ -34,6 +35,8 @@ class PrefillConfig:
     max_prefill_tokens: int = 2048  # prompt tokens per forward pass (longer prompts are chunked)
     max_batch_size: int = 64  # prompts per forward pass
     max_waiting: int = 256  # queued requests; beyond that, 429
+    prefix_cache_bytes: int = 0  # prompt KV kept for reuse by later prompts with the same prefix (0 = off)
+    prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS  # prefix cache granularity
 
 
 @dataclass(kw_only=True)
@@ -62,6 +65,7 @@ class PrefillEngine(EngineLoop[PrefillBatch[PrefillRequest], PrefillBatch[Prefil
         self.sender = sender
         self.config = config
         self.runner = PrefillRunner(loaded.model)
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes, loaded.fingerprint, config.prefix_block_tokens)
         self.scheduler: PrefillScheduler[PrefillRequest] = PrefillScheduler(
             config.max_prefill_tokens, config.max_batch_size, config.max_waiting)
         self.compute_lock = compute_lock or nullcontext()
@@ -132,6 +136,7 @@ class PrefillEngine(EngineLoop[PrefillBatch[PrefillRequest], PrefillBatch[Prefil
             chunk.request.past_kv = None if chunk.is_last else out.kv
             if chunk.is_last:
                 self._hand_off(chunk.request, out)
+                self._keep_prefix(chunk.request, out)
 
     def _step_failed(self, batch: PrefillBatch[PrefillRequest], error: Exception) -> None:
         """Run each chunk of a failed batch alone: only requests whose own pass fails get an error."""
@@ -166,6 +171,14 @@ class PrefillEngine(EngineLoop[PrefillBatch[PrefillRequest], PrefillBatch[Prefil
                 is_aborted = request.is_abort_requested
             if is_aborted:
                 self.sender.abort(request.request_id)
+
+    def _keep_prefix(self, request: PrefillRequest, out: ChunkOutput) -> None:
+        """Offer the prompt's KV to the prefix cache (after the hand-off: never on the TTFT path)."""
+        try:
+            self.prefix_cache.insert(request.adapter_version, request.prompt_token_ids, out.kv)
+        except Exception:  # e.g. no memory: the cache is an optimisation, the request is done
+            log.warning("prefix cache insert for %s failed", request.request_id, exc_info=True)
+        self.metrics.prefix_cache_bytes.set(self.prefix_cache.num_bytes)
 
     def _send(self, request: PrefillRequest, out: ChunkOutput) -> None:
         first = sample_one(out.logits, request.sampling, 0)

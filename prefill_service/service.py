@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters_store.base import UnknownTaskError
 from kv_transfer.base import TokenEvent, merge_events
@@ -27,6 +27,9 @@ from prefill_service.api_models import GenerateRequest
 from prefill_service.engine import PrefillEngine, PrefillRequest
 from prefill_service.versions import VersionError, VersionRouter
 from serving.metrics import Metrics, VersionSeries
+
+if TYPE_CHECKING:
+    import torch
 
 BASE_TASK = "base"
 
@@ -160,8 +163,22 @@ class PrefillService:
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
         sampling = SamplingParams(body.max_new_tokens, body.temperature, body.top_p, body.top_k, seed,
                                   tuple(body.stop), body.ignore_eos)
-        return PrefillRequest(uuid.uuid4().hex, body.task, ids, adapter=adapter, adapter_version=version,
-                              sampling=sampling, arrived_s=arrived_s)
+        num_cached, cached_kv = self._cached_prefix(body.task, version, ids)
+        return PrefillRequest(uuid.uuid4().hex, body.task, ids, num_computed_tokens=num_cached, adapter=adapter,
+                              adapter_version=version, sampling=sampling, arrived_s=arrived_s, past_kv=cached_kv)
+
+    def _cached_prefix(self, task: str, version: str, ids: list[int]) -> tuple[int, torch.Tensor | None]:
+        """The prompt's longest prefix whose KV (made by this adapter version) is cached: prefill
+        starts after it."""
+        cache = self.engine.prefix_cache
+        if not cache.enabled:
+            return 0, None
+        num_cached, kv = cache.lookup(version, ids)
+        label = self.metrics.task(task)
+        self.metrics.prefix_lookup_tokens.labels(label).inc(len(ids))
+        if num_cached:
+            self.metrics.prefix_hit_tokens.labels(label).inc(num_cached)
+        return num_cached, kv
 
     def submit(self, req: PrefillRequest) -> AsyncIterator[TokenEvent]:
         """Queue the request (ServiceError QUEUE_FULL when full) and return the stream of its events.

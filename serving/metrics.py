@@ -123,6 +123,12 @@ class Metrics:
                                     "(their own pass, sampling, detokenizing, delivering)", ("service",), registry=r)
         self.adapter_swaps = Counter("prad:adapter_hot_swaps", "Active adapter version changes", ("task",),
                                      registry=r)
+        self.prefix_hit_tokens = Counter("prad:prefix_cache_hit_tokens", "Prompt tokens whose KV came from the "
+                                         "prefix cache (prefill they saved)", ("task",), registry=r)
+        self.prefix_lookup_tokens = Counter("prad:prefix_cache_lookup_tokens", "Prompt tokens looked up in the "
+                                            "prefix cache (hit rate = hit / lookup)", ("task",), registry=r)
+        self.prefix_cache_bytes = Gauge("prad:prefix_cache_bytes", "Bytes of prompt KV held by the prefix cache",
+                                        registry=r)
         version = ("task", "version")
         self.version_requests = Counter("prad:version_requests", "Requests routed to an adapter version", version,
                                         registry=r)
