@@ -10,7 +10,7 @@ PORT ?= 8000
 ADAPTERS ?= examples/adapters
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install serve test lint bench bench-multitask bench-transfer clean
+.PHONY: install serve test test-fast lint bench bench-multitask bench-transfer clean
 
 install: $(STAMP)
 
@@ -34,12 +34,21 @@ serve: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	# pytest exits 5 when it collected nothing: count that as a failure, never a pass.
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# ruff + the unit tier alone (no model, no processes, no C++ compile; under a minute on 2 cores):
+# tests/conftest.py marks tests/integration and tests/e2e by folder.
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration and not e2e" $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # Decode then prefill throughput on the default model (long: tens of minutes on 2 cores); results,
 # JSON and PNG, go to bench/results/. Pass flags through, e.g. DECODE_ARGS='--dtypes float32'.

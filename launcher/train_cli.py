@@ -16,7 +16,7 @@ from typing import Any, cast
 BASE_ADAPTER = "base"
 
 
-def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_training_commands(sub: argparse._SubParsersAction) -> None:
     """Register `train` and `eval` on the `prad` subcommand parser."""
     _add_train(sub.add_parser("train", help="train a task adapter; writes the best dev checkpoint"))
     _add_eval(sub.add_parser("eval", help="greedy-decode a dev/test file through the serving runners and score it "

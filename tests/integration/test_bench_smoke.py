@@ -1,14 +1,18 @@
 """The benchmarks run end to end on a tiny workload with the real model: their plumbing, JSON and plot
-are checked, and the token agreements they check themselves must hold; their timings are not checked."""
+are checked, and the token agreements they check themselves must hold; their timings are not checked.
+Every bench module with a `main` has one here, so `make bench` cannot break unnoticed."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
+import httpx
+import pytest
 import torch
 
-from bench import decode, multitask, soak, soak_requests
+from bench import decode, http_load, multitask, prefill, soak, soak_requests, transfer
 from prad import kernels
 
 
@@ -68,3 +72,61 @@ def test_soak_bench_smoke(server, tmp_path) -> None:
     assert set(out["unexplained"]) == {"total", "by_kind", "examples"}
     assert set(out["errors"]) <= set(out["counts"])
     assert out["server"]["tasks"][0] == "base" and out["server"]["after_load"]["is_idle"] is not None
+
+
+def test_prefill_bench_smoke(tmp_path) -> None:
+    """Both strategies and the mixed row; 4 prompts of 8 tokens in sub-batches of 16 (two calls per run)."""
+    prefill.main(["--prompts", "4", "--prompt-len", "8", "--tasks", "1,3", "--repeats", "1", "--warmup-rows", "1",
+                  "--max-prefill-tokens", "16", "--dtypes", "float32", "--out", str(tmp_path), *_threads()])
+    out = json.loads((tmp_path / "prefill.json").read_text())
+    assert [r["name"] for r in out["results"]] == ["base", "prad-pa x1", "prad-pa x3 gather", "prad-pa x3 segment",
+                                                  "mixed x3 gather", "mixed x3 segment"]
+    for r in out["results"]:
+        assert r["tokens"] == 32 and r["calls"] == 2 and len(r["tokens_per_s_runs"]) == 1
+        assert r["tokens_per_s"] > 0 and r["vs_base"] > 0 and r["vs_one_task"] > 0
+    assert out["settings"]["prompts"] == 4 and out["machine"]
+    assert (tmp_path / "prefill.png").stat().st_size > 0
+
+
+def test_transfer_bench_smoke(tmp_path) -> None:
+    """The in-process stack and the gRPC pair only (three `prad serve` processes, one thread each; the
+    Redis stack starts the same way, plus a redis-server); one 16-token request each, 2 tokens."""
+    transfer.main(["--transports", "inproc,grpc", "--prompt-lengths", "16", "--requests", "1", "--gen", "2",
+                   "--threads", "1", "--out", str(tmp_path)])
+    out = json.loads((tmp_path / "transfer.json").read_text())
+    rows = {r["transport"]: r for r in out["results"]}
+    assert set(rows) == {"inproc", "grpc"}
+    for r in rows.values():
+        assert r["prompt_len"] == 16 and r["requests"] == 1 and len(r["ttft_ms_runs"]) == 1
+        assert 0 < r["ttft_ms"] <= r["e2e_ms"]
+        assert r["kv_bytes_per_token"] and r["kv_bytes_per_token"] > 0  # the counter moved: KV was handed over
+    assert rows["inproc"]["ttft_overhead"] is None and rows["grpc"]["ttft_overhead"] is not None
+    assert out["references_mb_per_s"]["loopback TCP"] > 0
+    assert (tmp_path / "transfer.png").stat().st_size > 0
+
+
+def test_http_load_smoke(server, smollm2, monkeypatch, capsys) -> None:
+    """The load generator's main (a JSON job on stdin, a JSON result on stdout) against the in-process
+    server: its greedy tokens == the server's own non-streamed answer."""
+    work = multitask.build_workload(smollm2, 3, 8, 3, seed=0)
+    tasks = ["base", "pa-task", "lora-task"]
+    job = {"url": server, "gen": 3, "requests": [{"task": t, "prompt": text, "prompt_tokens": len(ids)}
+                                                 for t, text, ids in zip(tasks, work.texts, work.prompt_ids,
+                                                                         strict=True)]}
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(job)))
+    http_load.main()
+    out = json.loads(capsys.readouterr().out)
+    assert 0 < out["prefill_s"] <= out["total_s"] and out["client_cpu_s"] >= 0
+    expected = [_generate(server, t, text) for t, text in zip(tasks, work.texts, strict=True)]
+    assert out["tokens"] == expected
+    job["requests"][0]["prompt_tokens"] += 1  # a run that is not the benchmark's must fail, naming the task
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(job)))
+    with pytest.raises(RuntimeError, match=r"task base: .*; expected length, 3 tokens, 9 prompt tokens"):
+        http_load.main()
+
+
+def _generate(url: str, task: str, prompt: str) -> list[int]:
+    body = {"task": task, "prompt": prompt, "max_new_tokens": 3, "temperature": 0.0, "ignore_eos": True}
+    r = httpx.post(url + "/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["token_ids"]

@@ -13,7 +13,7 @@ import pytest
 
 from prad.adapters import load_adapter
 from prad.reference import reference_generate
-from tests.integration.conftest import TASKS
+from tests.conftest import TASKS
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
            "List three colours:"]

@@ -56,7 +56,7 @@ PLACEHOLDER_RE = re.compile(r"\$\{|<[A-Za-z][A-Za-z0-9 _-]*>|CHANGE[ _-]?ME|TODO
                             re.IGNORECASE)
 
 
-# --- compose helpers (also used by tests/integration/test_deploy_topology.py) ---------------------
+# --- compose helpers (also used by tests/e2e/test_deploy_topology.py) -----------------------------
 
 _VAR_RE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
                      r"|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")

@@ -50,18 +50,6 @@ def test_chunked_kv_cache_matches_full_forward(family: str, tmp_path) -> None:
     assert torch.allclose(torch.cat(parts, dim=1), ref, atol=ATOL)
 
 
-def test_real_smollm2_matches_hf(smollm2) -> None:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(smollm2.path, dtype=torch.float32).eval()
-    ids = torch.tensor([smollm2.tokenizer("PrAd adapts only the prompt, then decodes with the base model.").input_ids])
-    with torch.no_grad():
-        ref = hf(ids).logits
-    got = smollm2.model.forward(ids, torch.arange(ids.shape[1])[None], None)
-    # logits reach ~30 in magnitude; fp32 with a different op order stays within 2e-4.
-    assert torch.allclose(got, ref, atol=2e-4), (got - ref).abs().max()
-
-
 def test_unsupported_model_type_is_refused() -> None:
     with pytest.raises(UnsupportedModelError, match="model_type 'bert'"):
         model_config_from_hf({"model_type": "bert"})
