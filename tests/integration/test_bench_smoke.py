@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from bench import decode, http_load, multitask, prefill, soak, soak_requests, transfer
+from bench import decode, http_load, multitask, prefill, prefix_cache, soak, soak_requests, transfer
 from prad import kernels
 
 
@@ -130,3 +130,13 @@ def _generate(url: str, task: str, prompt: str) -> list[int]:
     r = httpx.post(url + "/generate", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()["token_ids"]
+
+
+def test_prefix_cache_bench_smoke(tmp_path) -> None:
+    out = prefix_cache.main(["--tasks", "2", "--requests", "4", "--prefix-tokens", "48", "--gen", "2",
+                             "--repeats", "1", "--out", str(tmp_path), *_threads()])
+    summary = out["summary"]
+    assert summary["tokens_identical"]  # the cache is exact: both arms answer alike
+    assert summary["cache-on"]["prefill_tokens_per_s"] > 0 and summary["ttft_median_speedup"] > 0
+    assert len(out["runs"]["cache-on"][0]["ttft_s"]) == 4
+    assert (tmp_path / "prefix_cache.png").stat().st_size > 0
