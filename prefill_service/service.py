@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapters_store.base import UnknownTaskError
 from kv_transfer.base import TokenEvent, merge_events
+from kv_transfer.loop_events import dispatcher_for
 from kv_transfer.outcome import EngineUnavailableError, ErrorKind, FinishReason, QueueFullError
 from prad.adapters import Adapter
 from prad.loading import LoadedModel
@@ -185,12 +186,12 @@ class PrefillService:
 
         Must be called on the event loop; the stream aborts the request if its consumer goes away.
         """
-        loop = asyncio.get_running_loop()
+        dispatcher = dispatcher_for(asyncio.get_running_loop())
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         deadline_s = req.deadline_s = time.time() + self.request_timeout_s
 
-        def sink(event: TokenEvent) -> None:  # called from engine threads
-            loop.call_soon_threadsafe(events.put_nowait, event)
+        def sink(event: TokenEvent) -> None:  # called from engine threads: a step's events share a wake-up
+            dispatcher.put(events, event)
 
         try:
             self.engine.submit(req, sink)
