@@ -1,5 +1,6 @@
-"""Imports run one way (ARCHITECTURE.md): entry points -> services -> kv_transfer / adapters_store ->
-prad core. Read from the source with `ast`, so the rule holds for imports inside functions too."""
+"""Imports run one way (ARCHITECTURE.md): entry points -> services -> serving (what the services share)
+-> kv_transfer / adapters_store -> prad core. Read from the source with `ast`, so the rule holds for
+imports inside functions too."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("prefill_service", "decode_service", "kv_transfer", "adapters_store", "launcher", "training")
+SERVICES = ("prefill_service", "decode_service", "serving", "kv_transfer", "adapters_store", "launcher", "training")
 IO_MODULES = ("torch", "fastapi", "starlette", "grpc", "redis", "httpx", "uvicorn", "socket", "subprocess")
 
 
@@ -38,8 +39,12 @@ def test_the_core_imports_no_package_above_it() -> None:
 
 @pytest.mark.parametrize("package", ["kv_transfer", "adapters_store"])
 def test_transports_and_store_import_no_service(package: str) -> None:
-    above = tuple(p for p in ("prefill_service", "decode_service", "launcher", "training") if p != package)
+    above = tuple(p for p in ("prefill_service", "decode_service", "serving", "launcher", "training") if p != package)
     assert offenders(package, above) == {}
+
+
+def test_the_shared_service_layer_imports_no_service() -> None:
+    assert offenders("serving", ("prefill_service", "decode_service", "launcher", "training")) == {}
 
 
 def test_decode_imports_no_adapter_code() -> None:
