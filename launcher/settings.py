@@ -42,7 +42,8 @@ class ServeSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when a GPU is "
                                                    "visible, else cpu")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="auto: bfloat16 on "
-                                                          "cuda, float32 on cpu")
+                                                          "cuda and on CPUs with native bf16 (AVX-512 BF16, AMX), "
+                                                          "else float32")
     max_batch_size: int = Field(default=64, ge=1, le=1024, description="decode rows per step")
     max_prefill_batch: int = Field(default=64, ge=1, le=1024, description="prompts per prefill pass")
     max_seq_len: int = Field(default=2048, ge=16, description="prompt + output tokens per request")

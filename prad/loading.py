@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from prad.config import ModelConfig, model_config_from_hf
+from prad.machine import has_native_bf16
 from prad.model import Model
 from prad.weights import read_tensors, safetensors_files, weights_from_tensors
 
@@ -153,8 +154,9 @@ def pick_device(device: str) -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on GPUs and on CPUs with native bf16 (AVX-512 BF16 or AMX), float32 elsewhere."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or has_native_bf16() else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype not in table:
         raise ValueError(f"--dtype {dtype!r}: expected auto, float32 or bfloat16")

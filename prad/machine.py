@@ -19,6 +19,16 @@ def parse_cpuinfo(text: str) -> dict[str, str]:
     return fields
 
 
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # bf16 dot products in hardware
+
+
+def has_native_bf16(fields: dict[str, str] | None = None) -> bool:
+    """Whether the CPU computes bf16 dot products natively (AVX-512 BF16 or AMX): there bf16 is much
+    faster than fp32; elsewhere it is emulated and slower."""
+    flags = set((cpuinfo() if fields is None else fields).get("flags", "").split())
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
 def cpuinfo() -> dict[str, str]:
     """This machine's first processor's fields; empty where /proc/cpuinfo is absent."""
     try:
