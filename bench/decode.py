@@ -19,8 +19,13 @@ What is measured, per dtype (`--dtypes`) and batch size B (`--batches`):
   a difference between the two caches themselves falls on both alike. On a shared VM the
   speed drifts by tens of per cent within seconds, which whole back-to-back runs did not cancel.
 * (c) forward: the base KV stepped through the reference step (`ReferenceStep`: the generic
-  token-major `Model.forward`, what the decode service runs on a GPU); step/forward is the paired
-  speed-up of the runner's decode step (on a CPU, the feature-major `CpuStepBackend`) over it.
+  token-major `Model.forward`, the eager step, what the decode service ran on a GPU before CUDA
+  graphs); step/forward is the paired speed-up of the runner's decode step over it. Which step the
+  runner takes is `--decode-graphs` (the server's `decode_graphs` setting): auto = on a CPU the
+  feature-major `CpuStepBackend`, on CUDA the static-shape step replayed as CUDA graphs (so there
+  step/forward is the graphs' speed-up over the eager step); static = the static-shape step without
+  graphs; off = no graphs (the reference step on CUDA). The JSON records the step and, with graphs,
+  their capture time and memory (`decode_step`).
 * (d) torch-ops: the base KV through the CPU backend on PyTorch ops only
   (`CpuStepBackend(model, native_kernels=False)`): attention through RoPE + `KVCache.update` + SDPA,
   and the residual add + RMSNorm and SiLU * up as separate ops, instead of the native kernels
@@ -85,7 +90,7 @@ from bench.common import (
     setup_threads,
     synchronize,
 )
-from decode_service.runner import DecodeRunner
+from decode_service.runner import DECODE_GRAPHS, DecodeRunner
 from prad import kernels
 from prad.adapters import Adapter
 from prad.config import ModelConfig
@@ -153,6 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rows of the reference matmul [rows, d] x [d, I] (default 64)")
     parser.add_argument("--max-prefill-tokens", type=int, default=4096,
                         help="token budget per prefill call when building the KV, not timed (default 4096)")
+    parser.add_argument("--decode-graphs", choices=DECODE_GRAPHS, default="auto",
+                        help="the runner's decode step, as the server's decode_graphs setting (default auto: "
+                        "CUDA graphs of the static step on cuda, the CPU backend on cpu)")
     # an even number of rounds: base and tasks swap runners every round (states_for_round)
     add_common_args(parser, default_dtypes="float32,bfloat16", default_repeats=4)
     return parser.parse_args(argv)
@@ -202,11 +210,19 @@ def prompt_kv(outputs: list[ChunkOutput]) -> PromptKV:
     return PromptKV([out.kv for out in outputs], [int(out.logits.argmax()) for out in outputs])
 
 
-def new_runner(loaded: LoadedModel, rows: int, capacity: int) -> DecodeRunner:
+def new_runner(loaded: LoadedModel, rows: int, capacity: int, decode_graphs: str = "auto") -> DecodeRunner:
     """A DecodeRunner for `rows` rows, its cache grown (in its usual steps) to `capacity` positions."""
-    runner = DecodeRunner(loaded.model, max_batch_size=rows, max_seq_len=loaded.config.max_position_embeddings)
+    runner = DecodeRunner(loaded.model, max_batch_size=rows, max_seq_len=loaded.config.max_position_embeddings,
+                          decode_graphs=decode_graphs)
     runner.ensure_capacity(capacity)
     return runner
+
+
+def describe_step(runner: DecodeRunner) -> dict[str, Any]:
+    """The runner's decode step, and its CUDA graphs' capture time and memory if it has them."""
+    stats = runner.graph_stats()
+    return {"backend": runner.backend.name, "description": str(runner.backend),
+            "graphs": None if stats is None else asdict(stats)}
 
 
 def load_state(runner: DecodeRunner, kv: PromptKV) -> DecodeState:
@@ -377,6 +393,7 @@ class Runs:
     matmul_ref: list[dict[str, float]] = field(default_factory=list)  # per repeat, per layout
     matmul_same_rows: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # batch -> per repeat
     matmul_paired: dict[int, list[float]] = field(default_factory=dict)  # batch -> per timed step, in order
+    decode_step: dict[str, Any] = field(default_factory=dict)  # describe_step of the base runner
 
 
 def measure_references(runs: Runs, config: ModelConfig, dtype: torch.dtype, args: argparse.Namespace) -> MatmulSampler:
@@ -393,7 +410,8 @@ def time_decode(loaded: LoadedModel, kvs: dict[str, PromptKV], args: argparse.Na
     """`repeats` rounds; each measures the matmul references, then every batch with the conditions'
     steps interleaved (`interleaved_steps`), base and tasks on swapped runners (`states_for_round`)."""
     rows, capacity = max(args.batches), args.context + max(args.steps, args.warmup)
-    runners = (new_runner(loaded, rows, capacity), new_runner(loaded, rows, capacity))
+    runners = (new_runner(loaded, rows, capacity, args.decode_graphs),
+               new_runner(loaded, rows, capacity, args.decode_graphs))
     backends = comparison_backends(loaded.model)
     for states in (states_for_round(runners, kvs, 0, backends), states_for_round(runners, kvs, 1, backends)):
         for batch in args.batches:
@@ -401,6 +419,7 @@ def time_decode(loaded: LoadedModel, kvs: dict[str, PromptKV], args: argparse.Na
                 decode_steps(states[cond], batch, args.context, args.warmup)
     runs = Runs({b: {c: [] for c in CONDITIONS} for b in args.batches},
                 {b: {c: [] for c in CONDITIONS} for b in args.batches})
+    runs.decode_step = describe_step(runners[0])
     dtype = loaded.model.dtype
     with tqdm(total=args.repeats * len(args.batches), desc=f"decode {dtype}", unit="batch") as bar:
         for rep in range(args.repeats):
@@ -477,7 +496,8 @@ def summarise(runs: Runs, config: ModelConfig, dtype: str, args: argparse.Namesp
     return results
 
 
-def measure_dtype(dtype: str, args: argparse.Namespace) -> tuple[list[BatchResult], dict[str, Any]]:
+def measure_dtype(dtype: str, args: argparse.Namespace) -> tuple[list[BatchResult], dict[str, Any], dict[str, Any]]:
+    """The dtype's results, its matmul reference samples and its decode step (`describe_step`)."""
     loaded = load(dtype, args.device, args.model)
     config = loaded.config
     runs = time_decode(loaded, prepare_kv(loaded, args), args)
@@ -486,7 +506,7 @@ def measure_dtype(dtype: str, args: argparse.Namespace) -> tuple[list[BatchResul
                  "paired_samples": {str(b): v for b, v in runs.matmul_paired.items()},
                  "same_rows_samples": {str(b): v for b, v in runs.matmul_same_rows.items()},
                  "linear_weight_count": linear_weight_count(config)}
-    return summarise(runs, config, dtype, args), reference
+    return summarise(runs, config, dtype, args), reference, runs.decode_step
 
 
 def print_report(results: list[BatchResult], ref_rows: int) -> None:
@@ -544,13 +564,17 @@ def main(argv: list[str] | None = None) -> None:
     machine["native_kernels"] = args.device == "cpu" and kernels.library() is not None
     results: list[BatchResult] = []
     references: dict[str, Any] = {}
+    steps: dict[str, Any] = {}  # dtype -> describe_step
     for dtype in args.dtypes:
-        dtype_results, references[dtype] = measure_dtype(dtype, args)
+        dtype_results, references[dtype], steps[dtype] = measure_dtype(dtype, args)
         results.extend(dtype_results)
     print_report(results, args.ref_rows)
+    for dtype, step in steps.items():
+        graphs = "" if step["graphs"] is None else f"; CUDA graphs {step['graphs']}"
+        print(f"decode step {dtype}: {step['description']}{graphs}")
     settings = settings_of(args)
     payload = {"benchmark": "decode", "settings": settings, "machine": machine, "flop_count": FLOP_COUNT,
-               "matmul_reference": references, "results": [asdict(r) for r in results]}
+               "decode_step": steps, "matmul_reference": references, "results": [asdict(r) for r in results]}
     save_results(args.out, "decode", payload, lambda path: plot(results, path, args.ref_rows, args.tasks))
 
 

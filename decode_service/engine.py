@@ -22,6 +22,7 @@ from kv_transfer.base import DecodeBackend, EventSink, TokenEvent
 from kv_transfer.handoff import HandoffError, KVHandoff, KVLayout, check_handoff
 from kv_transfer.outcome import ErrorKind, FinishReason
 from prad.detokenizer import Detokenizer
+from prad.device_sampling import sample_batch_on_device
 from prad.loading import LoadedModel
 from prad.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, sample_batch, sample_one
 from serving.engine_loop import DEFAULT_STALL_TIMEOUT_S, EngineLoop
@@ -36,6 +37,9 @@ class DecodeConfig:
     max_seq_len: int = 2048  # prompt + output positions per request
     max_kv_tokens: int = 32 * 2048  # sum of reserved positions over running requests
     max_waiting: int = 256  # handoffs queued for a row; beyond that, 429
+    # auto: static step + CUDA graphs on CUDA, CPU backend on CPU; off: no graphs (eager reference step on
+    # CUDA); static: static step without graphs on any device (decode_service/runner.choose_step_backend)
+    decode_graphs: str = "auto"
 
 
 @dataclass(kw_only=True)
@@ -61,7 +65,10 @@ class DecodeEngine(EngineLoop[ScheduleOutput[Sequence], list[Sequence], Tokens],
         self.loaded = loaded
         self.config = config
         self.metrics = metrics or Metrics()
-        self.runner = DecodeRunner(loaded.model, config.max_batch_size, config.max_seq_len)
+        self.runner = DecodeRunner(loaded.model, config.max_batch_size, config.max_seq_len, config.decode_graphs)
+        # On a GPU the batch is sampled where the logits are (one read-back per step); on a CPU the host
+        # sampler is as fast and skips the work the device one does for both branches of each choice.
+        self._sample_rows = sample_batch_on_device if loaded.model.device.type == "cuda" else sample_batch
         self.scheduler: DecodeScheduler[Sequence] = DecodeScheduler(
             config.max_batch_size, config.max_kv_tokens, config.max_waiting, loaded.config.eos_token_ids)
         self.compute_lock = compute_lock or nullcontext()
@@ -173,7 +180,7 @@ class DecodeEngine(EngineLoop[ScheduleOutput[Sequence], list[Sequence], Tokens],
         params = [s.sampling for s in running]
         indices = [len(s.output_token_ids) for s in running]
         try:
-            return list(sample_batch(logits, params, indices))
+            return list(self._sample_rows(logits, params, indices))
         except Exception:
             return [_sample_or_error(logits[i], params[i], indices[i]) for i in range(len(running))]
 

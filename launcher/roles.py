@@ -107,8 +107,8 @@ def replica_name(settings: ServeSettings) -> str:
 def _decode_engine(settings: ServeSettings, loaded: LoadedModel, lock: AbstractContextManager[object] | None,
                    metrics: Metrics, life: Lifecycle) -> DecodeEngine:
     engine = DecodeEngine(loaded, DecodeConfig(settings.max_batch_size, _max_seq_len(settings, loaded),
-                                               settings.kv_budget, settings.max_waiting), lock, metrics,
-                          settings.engine_stall_timeout_s)
+                                               settings.kv_budget, settings.max_waiting, settings.decode_graphs),
+                          lock, metrics, settings.engine_stall_timeout_s)
     life.starts.append(engine.start)
     life.stops.append(engine.stop)
     life.checks.append(lambda: {} if engine.is_alive else {"decode": "decode engine not running"})

@@ -48,6 +48,10 @@ class ServeSettings(BaseSettings):
     max_prefill_batch: int = Field(default=64, ge=1, le=1024, description="prompts per prefill pass")
     max_seq_len: int = Field(default=2048, ge=16, description="prompt + output tokens per request")
     max_kv_tokens: int | None = Field(default=None, ge=16, description="decode KV budget (unset: batch x seq)")
+    decode_graphs: Literal["auto", "off", "static"] = Field(default="auto", description="decode step: auto = "
+                                                            "static shapes replayed as CUDA graphs on cuda (the "
+                                                            "CPU backend on cpu); off = no graphs (the eager "
+                                                            "step); static = static shapes, no graphs")
     max_prefill_tokens: int = Field(default=2048, ge=16, description="prompt tokens per prefill pass")
     max_waiting: int = Field(default=256, ge=1, description="queued requests per service before 429")
     max_loaded_adapters: int = Field(default=64, ge=1, description="adapters kept in memory (LRU) per prefill")
