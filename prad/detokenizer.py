@@ -13,17 +13,27 @@ from typing import Any
 
 @dataclass
 class Detokenizer:
+    """Each token is decoded in a short window (the tokens settled by the previous step plus the new
+    ones), never the whole output again, so a token costs the same at position 5 or 5,000. Decoding a
+    window that starts one settled step back reproduces the full decode's text (a byte-level BPE joins
+    bytes; a SentencePiece tokenizer sees the preceding token, so leading spaces come out right); if a
+    window ever disagrees with the text before it, the whole output is decoded once instead."""
+
     tokenizer: Any  # a transformers tokenizer
     stop: tuple[str, ...] = ()
     token_ids: list[int] = field(default_factory=list)
     num_emitted_chars: int = 0
     is_stopped: bool = False  # a stop string was found
     text: str = ""  # the text so far (cut before a stop string once found)
+    _settled: str = ""  # the text of token_ids[:_read_offset]
+    _prefix_offset: int = 0  # the window decoded each step starts here...
+    _read_offset: int = 0  # ...and tokens before this are settled into _settled
+    _prefix_text: str = ""  # the text of token_ids[_prefix_offset:_read_offset], decoded alone
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly stable text (may be empty)."""
         self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = self._decode_new()
         cut = self._first_stop(text)
         if cut is not None:
             self.is_stopped = True
@@ -31,6 +41,24 @@ class Detokenizer:
             return self._emit(len(self.text))
         self.text = text
         return self._emit(self._stable_length(text))
+
+    def _decode_new(self) -> str:
+        """The whole text so far, decoding only the window since the last settled step."""
+        window = self._decode(self.token_ids[self._prefix_offset:])
+        if not window.startswith(self._prefix_text):  # the tokenizer rewrote earlier text: start over
+            self._prefix_offset = self._read_offset = 0
+            self._settled = self._prefix_text = ""
+            window = self._decode(self.token_ids)
+        tail = window[len(self._prefix_text):]
+        text = self._settled + tail
+        if tail and not tail.endswith("\ufffd"):  # complete characters: settle them
+            self._settled = text
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+            self._prefix_text = self._decode(self.token_ids[self._prefix_offset:self._read_offset])
+        return text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 
     def flush(self) -> str:
         """Everything not yet emitted (call once the request has finished)."""
@@ -55,7 +83,7 @@ class Detokenizer:
             end -= 1
         for s in self.stop:
             for k in range(min(len(s) - 1, end), 0, -1):
-                if text[:end].endswith(s[:k]):
-                    end = min(end, len(text[:end]) - k)
+                if text.endswith(s[:k], 0, end):
+                    end -= k
                     break
         return max(end, self.num_emitted_chars)

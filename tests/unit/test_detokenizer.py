@@ -179,3 +179,34 @@ def test_random_streams_keep_the_invariants(stop: tuple[str, ...]) -> None:
             emitted += delta
             assert detok.text.startswith(emitted)
     assert (num_stopped > 0) == bool(stop)  # the streams really exercise stopping
+
+
+class CountingTokenizer(ByteTokenizer):
+    """Records how many ids each decode call was given."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.sizes.append(len(ids))
+        return super().decode(ids, skip_special_tokens)
+
+
+def test_a_token_costs_the_same_late_in_a_long_output() -> None:
+    tok = CountingTokenizer()
+    detok = Detokenizer(tok, ("STOP!",))
+    rng = random.Random(7)
+    ids = [rng.choice([0, 1, 2, 3, 11, 12, 13, 16, 17]) for _ in range(600)] + [4, 5, 14, 15]
+    for token_id in ids:
+        detok.add(token_id)
+    detok.flush()
+    assert max(tok.sizes) <= 4  # windows, never the whole output
+    assert detok.text == TOK.decode(ids)
+
+
+def test_windows_give_the_full_decode_on_random_byte_streams() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        ids = [rng.choice(list(ByteTokenizer.VOCAB)) for _ in range(rng.randint(1, 40))]
+        detok, deltas = _run(ids)
+        assert "".join(deltas) == detok.text == TOK.decode(ids), ids
