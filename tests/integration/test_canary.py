@@ -155,7 +155,7 @@ def test_activating_a_version_ends_the_split_atomically(nodes, versions) -> None
                       headers=AUTH).status_code == 200
 
 
-def test_invalid_splits_are_refused_and_change_nothing(nodes, versions) -> None:
+def test_invalid_splits_are_refused_and_change_nothing(nodes, versions, smollm2, tmp_path) -> None:
     old, new = _version_of(versions["old"]), _version_of(versions["new"])
     assert _split(nodes[0], {old: 70, new: 30}).status_code == 200
     cases = [({old: 60, new: 30}, 400, "100"), ({old: 100}, 400, "at least"),
@@ -163,9 +163,16 @@ def test_invalid_splits_are_refused_and_change_nothing(nodes, versions) -> None:
     for weights, status, words in cases:
         r = _split(nodes[0], weights)
         assert r.status_code == status and words in r.text, (weights, r.status_code, r.text)
-    other = httpx.put(f"{nodes[0]}/admin/adapters/{TASK}/split", json={"weights": {old: True, new: 99}},
-                      headers=AUTH)
-    assert other.status_code == 422  # booleans are not weights
+    booleans = httpx.put(f"{nodes[0]}/admin/adapters/{TASK}/split", json={"weights": {old: True, new: 99}},
+                         headers=AUTH)
+    assert booleans.status_code == 422  # booleans are not weights
+    folder = write_adapter(tmp_path, "elsewhere", "prad-lora", smollm2.config, smollm2.fingerprint, 14, 0.5)
+    files = {"config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes()),
+             "weights": ("adapter.safetensors", (folder / "adapter.safetensors").read_bytes())}
+    pushed = httpx.post(f"{nodes[0]}/admin/adapters/elsewhere/versions", files=files, headers=AUTH, timeout=60)
+    assert pushed.status_code == 201, pushed.text
+    r = _split(nodes[0], {old: 50, pushed.json()["version"]: 50})  # another task's version
+    assert r.status_code == 404 and "no version" in r.text, r.text
     assert httpx.get(f"{nodes[0]}/admin/adapters/{TASK}", headers=AUTH).json()["split"] == {old: 70, new: 30}
     r = httpx.delete(f"{nodes[0]}/admin/adapters/{TASK}/versions/{new}", headers=AUTH)
     assert r.status_code == 409 and "split" in r.text  # a version in a live split cannot be deleted
