@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from prad.sampling import NUCLEUS_CANDIDATES, SamplingError, SamplingParams, _generator
+from prad.sampling import NUCLEUS_CANDIDATES, SamplingError, SamplingParams, _generator, filter_logits
 
 NO_TOKEN = -1  # a row with no finite logit
 
@@ -65,20 +65,10 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, index: int) -> tor
     cleaned = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
     logits = torch.where(torch.isfinite(logits).all(), logits, cleaned)  # sample_one's _without_nan
     scaled = (logits - logits.max()) / params.temperature
-    probs = torch.softmax(_filter_logits(scaled, params.top_k, params.top_p), dim=-1)
+    probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p, nucleus=_nucleus), dim=-1)
     race = torch.empty_like(probs).exponential_(1, generator=_generator(params.seed, index, logits.device))
     token = torch.argmax(probs / race)  # torch.multinomial(probs, 1, generator=...) without its checks
     return torch.where(torch.isfinite(cleaned.max()), token, NO_TOKEN)
-
-
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """prad.sampling._filter_logits with the nucleus found on the device."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        logits = logits.masked_fill(~_nucleus(torch.softmax(logits, dim=-1), top_p), float("-inf"))
-    return logits
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ however small top_p is. A row whose logits are all NaN raises SamplingError (tha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -50,13 +51,16 @@ def _generator(seed: int, index: int, device: torch.device) -> torch.Generator:
 NUCLEUS_CANDIDATES = 1024  # the nucleus is looked for among the top tokens first (exact, see below)
 
 
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits [V] -> logits with everything outside top-k / top-p set to -inf."""
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float,
+                  nucleus: Callable[[torch.Tensor, float], torch.Tensor] | None = None) -> torch.Tensor:
+    """logits [V] -> logits with everything outside top-k / top-p set to -inf. `nucleus(probs, top_p)`
+    finds the top-p set (default: _nucleus below; prad/device_sampling passes one without read-backs)."""
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        logits = logits.masked_fill(~_nucleus(torch.softmax(logits, dim=-1), top_p), float("-inf"))
+        keep = (nucleus or _nucleus)(torch.softmax(logits, dim=-1), top_p)
+        logits = logits.masked_fill(~keep, float("-inf"))
     return logits
 
 
@@ -86,7 +90,7 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
         return int(torch.argmax(logits))
     # Shifted by the maximum first: (logits - max) / T cannot overflow, and the softmax is unchanged.
     scaled = (logits - logits.max()) / params.temperature
-    probs = torch.softmax(_filter_logits(scaled, params.top_k, params.top_p), dim=-1)
+    probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
     gen = _generator(params.seed, index, logits.device)
     return int(torch.multinomial(probs, 1, generator=gen))
 
