@@ -48,6 +48,11 @@ What is measured, per dtype (`--dtypes`) and batch size B (`--batches`):
   projections, plus attention 4 * B * layers * num_heads * head_dim * num_keys (Q.K^T and P.V over
   the num_keys = position + 1 keys each row attends). Not counted: embedding lookup, norms, RoPE,
   SiLU, softmax, the KV write and the argmax (all O(B * d) or smaller).
+* Distance to the machine's limit: before any model is loaded the run probes the peak GEMM rate of
+  each dtype (bench/peak.py: torch.mm and, on CPUs with AVX-512 BF16, the native bf16 projection, on
+  the model's prefill and decode shapes; `--no-peak-probe` skips it, `--peak-seconds` sizes it).
+  `fraction_of_floor` per batch = the base condition's step FLOP/s (the FLOPs above) / that peak,
+  i.e. the compute floor of the timed steps at the peak over their measured time.
 
 Every measurement is repeated `--repeats` (4) times and the median is reported. Writes decode.json
 and decode.png to `--out` (default bench/results/).
@@ -89,6 +94,16 @@ from bench.common import (
     settings_of,
     setup_threads,
     synchronize,
+)
+from bench.peak import (
+    add_probe_args,
+    decode_step_flops,
+    fraction_of_floor,
+    linear_weight_count,
+    model_config,
+    or_dash,
+    peak_of,
+    probe_for_run,
 )
 from decode_service.runner import DECODE_GRAPHS, DecodeRunner
 from prad import kernels
@@ -141,6 +156,8 @@ class BatchResult:
     fraction_of_matmul_ref_ci95: tuple[float, float] = (0.0, 0.0)
     fraction_of_matmul_ref_rounds: float = 0.0  # median achieved / median per-repeat reference
     fraction_of_matmul_same_rows: float = 0.0
+    peak_flops_per_s: float | None = None  # the run's peak probe, this dtype (bench/peak.py)
+    fraction_of_floor: float | None = None  # base: compute floor of the steps at that peak / their time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -163,27 +180,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "CUDA graphs of the static step on cuda, the CPU backend on cpu)")
     # an even number of rounds: base and tasks swap runners every round (states_for_round)
     add_common_args(parser, default_dtypes="float32,bfloat16", default_repeats=4)
+    add_probe_args(parser)
     return parser.parse_args(argv)
 
 
-def linear_weight_count(config: ModelConfig) -> int:
-    """Weights multiplied once per token: every layer's projections plus the LM head."""
-    d, inter = config.hidden_size, config.intermediate_size
-    qkv = (config.q_size + 2 * config.kv_size) * d
-    mlp_in = (2 if config.family == "llama" else 1) * inter * d
-    per_layer = qkv + config.q_size * d + mlp_in + d * inter
-    return config.num_layers * per_layer + config.vocab_size * d
-
-
-def step_flops(config: ModelConfig, batch: int, num_keys: int) -> float:
-    """FLOPs of one decode step of `batch` rows that each attend `num_keys` keys (see FLOP_COUNT)."""
-    projections = 2.0 * batch * linear_weight_count(config)
-    attention = 4.0 * batch * config.num_layers * config.num_heads * config.head_dim * num_keys
-    return projections + attention
-
-
 def mean_step_flops(config: ModelConfig, batch: int, context: int, steps: int) -> float:
-    return sum(step_flops(config, batch, context + s + 1) for s in range(steps)) / steps
+    return sum(decode_step_flops(config, batch, context + s + 1) for s in range(steps)) / steps
 
 
 def prefill_in_batches(runner: PrefillRunner, prompts: list[list[int]], adapters: list[Adapter | None],
@@ -470,7 +472,8 @@ def step_fractions(step_flops_per_step: Sequence[float], base_seconds: Sequence[
             for i, (secs, rate) in enumerate(zip(base_seconds, reference_rates, strict=True))]
 
 
-def summarise(runs: Runs, config: ModelConfig, dtype: str, args: argparse.Namespace) -> list[BatchResult]:
+def summarise(runs: Runs, config: ModelConfig, dtype: str, args: argparse.Namespace,
+              peak: float | None = None) -> list[BatchResult]:
     ref_rounds = median_best(runs.matmul_ref)
     results = []
     for batch in args.batches:
@@ -478,7 +481,7 @@ def summarise(runs: Runs, config: ModelConfig, dtype: str, args: argparse.Namesp
         flops = mean_step_flops(config, batch, args.context, args.steps)
         achieved = flops * tps["base"] / batch
         same_rows = median_best(runs.matmul_same_rows[batch])
-        per_step = [step_flops(config, batch, args.context + s + 1) for s in range(args.steps)]
+        per_step = [decode_step_flops(config, batch, args.context + s + 1) for s in range(args.steps)]
         fractions = step_fractions(per_step, runs.step_seconds[batch]["base"], runs.matmul_paired[batch])
         results.append(BatchResult(
             dtype=dtype, batch=batch, steps=args.steps, context=args.context, tokens_per_s=tps,
@@ -492,12 +495,15 @@ def summarise(runs: Runs, config: ModelConfig, dtype: str, args: argparse.Namesp
             matmul_ref_flops_per_s=median(runs.matmul_paired[batch]), matmul_ref_rounds_flops_per_s=ref_rounds,
             matmul_same_rows_flops_per_s=same_rows, fraction_of_matmul_ref=median(fractions),
             fraction_of_matmul_ref_ci95=median_ci95(fractions), fraction_of_matmul_ref_rounds=achieved / ref_rounds,
-            fraction_of_matmul_same_rows=achieved / same_rows))
+            fraction_of_matmul_same_rows=achieved / same_rows, peak_flops_per_s=peak,
+            fraction_of_floor=fraction_of_floor(flops, batch / tps["base"], peak)))
     return results
 
 
-def measure_dtype(dtype: str, args: argparse.Namespace) -> tuple[list[BatchResult], dict[str, Any], dict[str, Any]]:
-    """The dtype's results, its matmul reference samples and its decode step (`describe_step`)."""
+def measure_dtype(dtype: str, args: argparse.Namespace,
+                  peak: float | None = None) -> tuple[list[BatchResult], dict[str, Any], dict[str, Any]]:
+    """The dtype's results, its matmul reference samples and its decode step (`describe_step`);
+    `peak`: the run's probed peak FLOP/s for this dtype (None: no fraction of the floor)."""
     loaded = load(dtype, args.device, args.model)
     config = loaded.config
     runs = time_decode(loaded, prepare_kv(loaded, args), args)
@@ -506,15 +512,16 @@ def measure_dtype(dtype: str, args: argparse.Namespace) -> tuple[list[BatchResul
                  "paired_samples": {str(b): v for b, v in runs.matmul_paired.items()},
                  "same_rows_samples": {str(b): v for b, v in runs.matmul_same_rows.items()},
                  "linear_weight_count": linear_weight_count(config)}
-    return summarise(runs, config, dtype, args), reference, runs.decode_step
+    return summarise(runs, config, dtype, args, peak), reference, runs.decode_step
 
 
 def print_report(results: list[BatchResult], ref_rows: int) -> None:
-    headers = ["dtype", "batch", "base tok/s", "tasks tok/s", "tasks/base", "95% interval", "step ms",
+    headers = ["dtype", "batch", "base tok/s", "frac of floor", "tasks tok/s", "tasks/base", "95% interval", "step ms",
                "forward ms",
                "step/forward", "torch-ops ms", "native/torch", "GFLOP/s", f"matmul{ref_rows} GFLOP/s",
                f"frac of mm{ref_rows}", "95% interval", "frac (rounds)", "frac of mmB"]
-    rows = [[r.dtype, r.batch, r.tokens_per_s["base"], r.tokens_per_s["tasks"], r.tasks_over_base,
+    rows = [[r.dtype, r.batch, r.tokens_per_s["base"], or_dash(r.fraction_of_floor), r.tokens_per_s["tasks"],
+             r.tasks_over_base,
              "{:.3f}-{:.3f}".format(*r.tasks_over_base_ci95),
              1000.0 * r.batch / r.tokens_per_s["base"], 1000.0 * r.batch / r.tokens_per_s["forward"],
              r.step_over_forward, 1000.0 * r.batch / r.tokens_per_s["torch-ops"], r.native_over_torch_ops,
@@ -527,7 +534,7 @@ def print_report(results: list[BatchResult], ref_rows: int) -> None:
     print("targets: tasks/base >= 0.99; fraction of the matmul rate at batch 64 >= 0.5 "
           "(both: medians of per-step paired ratios, with their 95 % intervals; 'frac (rounds)': "
           "against the matmul sampled once per repeat)")
-    print(f"FLOPs counted {FLOP_COUNT}")
+    print(f"FLOPs counted {FLOP_COUNT}; frac of floor: base step FLOP/s over the run's probed peak (bench/peak.py)")
 
 
 def plot(results: list[BatchResult], path: Path, ref_rows: int, tasks: int) -> None:
@@ -562,18 +569,19 @@ def main(argv: list[str] | None = None) -> None:
     setup_threads(args.threads)
     machine = machine_info(args.dtypes)
     machine["native_kernels"] = args.device == "cpu" and kernels.library() is not None
+    peak = probe_for_run(args, args.dtypes, model_config(args.model), args.device)
     results: list[BatchResult] = []
     references: dict[str, Any] = {}
     steps: dict[str, Any] = {}  # dtype -> describe_step
     for dtype in args.dtypes:
-        dtype_results, references[dtype], steps[dtype] = measure_dtype(dtype, args)
+        dtype_results, references[dtype], steps[dtype] = measure_dtype(dtype, args, peak_of(peak, dtype))
         results.extend(dtype_results)
     print_report(results, args.ref_rows)
     for dtype, step in steps.items():
         graphs = "" if step["graphs"] is None else f"; CUDA graphs {step['graphs']}"
         print(f"decode step {dtype}: {step['description']}{graphs}")
     settings = settings_of(args)
-    payload = {"benchmark": "decode", "settings": settings, "machine": machine, "flop_count": FLOP_COUNT,
+    payload = {"benchmark": "decode", "settings": settings, "machine": machine, "flop_count": FLOP_COUNT, "peak": peak,
                "decode_step": steps, "matmul_reference": references, "results": [asdict(r) for r in results]}
     save_results(args.out, "decode", payload, lambda path: plot(results, path, args.ref_rows, args.tasks))
 

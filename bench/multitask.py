@@ -55,6 +55,16 @@ three LoRA baselines, compared up to the first EOS) is checked on the first repe
 10), evaluated at the largest N: PrAd-PA >= x14 faster than lora-per-task, >= x1.5 faster than
 lora-mixed and peft-lora-mixed, PrAd (PA and LoRA) within 10% of base.
 
+Distance to the machine's limit: before any model is loaded the run probes the peak GEMM rate of each
+dtype (bench/peak.py; `--no-peak-probe` skips it). Every arm is held to the same compute floor, the
+base model's FLOPs for the workload at that peak (`bench.peak.generation_flops`: R prompts of P tokens
+prefilled, LM head on each prompt's last token, then G - 1 decode steps per request with the LM head;
+2 * tokens * weights for every projection, causal attention 4 * layers * heads * head_dim per (query,
+key) pair; not counted: embedding, norms, RoPE, SiLU, softmax, KV writes, sampling, and the adapters'
+own FLOPs, so an arm that applies adapters to every token shows its extra work as a lower fraction).
+`fraction_of_floor` = that floor / the arm's total time; prefill and decode phases get the same with
+their part of the FLOPs and their seconds (where the arm times the phases).
+
 Caveats: server and engines share one process (and the GIL), the client is a second process on the
 same cores; the loop arms pay no HTTP, tokenizer or scheduling cost, so speed-ups of the server arms
 over them are conservative.
@@ -110,12 +120,23 @@ from bench.common import (
     synchronize,
     time_call,
 )
+from bench.peak import (
+    FLOP_COUNT,
+    add_probe_args,
+    fraction_of_floor,
+    generation_flops,
+    model_config,
+    peak_of,
+    prefill_flops,
+    probe_for_run,
+)
 from decode_service.runner import choose_step_backend
 from launcher.local import free_port
 from launcher.roles import build_app
 from launcher.settings import ServeSettings
 from prad.adapters import Adapter, AdapterConfig, RowAdapters, save_adapter
 from prad.adapters.io import init_tensors
+from prad.config import ModelConfig
 from prad.cpu_decode import CpuStepBackend, step_with_hooks
 from prad.kv_cache import KVCache
 from prad.loading import LoadedModel
@@ -250,6 +271,11 @@ class ArmResult:
     vs_base: float | None = None  # this time / base (server) time
     vs_base_loop: float | None = None  # this time / base-loop time
     server_metrics: dict[str, float] = field(default_factory=dict)  # medians of RunTiming.server
+    flops: float = 0.0  # the workload's base-model FLOPs (bench/peak.py)
+    peak_flops_per_s: float | None = None  # the run's peak probe, this dtype
+    fraction_of_floor: float | None = None  # compute floor at that peak / total_s
+    prefill_fraction_of_floor: float | None = None  # the prefill FLOPs' floor / prefill_s
+    decode_fraction_of_floor: float | None = None  # the decode steps' floor / decode_s
 
 
 # --- PrAd Serve over HTTP ----------------------------------------------------------------------------
@@ -580,7 +606,22 @@ def _median_or_none(values: list[float | None]) -> float | None:
     return median(present) if present else None
 
 
-def summarise(runs: dict[tuple[str, int], list[RunTiming]], dtype: str, work: Workload) -> list[ArmResult]:
+def floor_fractions(result: ArmResult, config: ModelConfig, work: Workload, peak: float | None) -> None:
+    """Set `result`'s FLOPs and fractions of the compute floor (bench/peak.py) for the whole workload and,
+    where timed, its prefill and decode phases."""
+    prompt_lens = [len(ids) for ids in work.prompt_ids]
+    prefill = sum(prefill_flops(config, p) for p in prompt_lens)
+    result.flops = generation_flops(config, prompt_lens, work.gen)
+    result.peak_flops_per_s = peak
+    result.fraction_of_floor = fraction_of_floor(result.flops, result.total_s, peak)
+    if result.prefill_s is not None:
+        result.prefill_fraction_of_floor = fraction_of_floor(prefill, result.prefill_s, peak)
+    if result.decode_s is not None:
+        result.decode_fraction_of_floor = fraction_of_floor(result.flops - prefill, result.decode_s, peak)
+
+
+def summarise(runs: dict[tuple[str, int], list[RunTiming]], dtype: str, work: Workload, config: ModelConfig,
+              peak: float | None = None) -> list[ArmResult]:
     results = []
     for (arm, n), timings in runs.items():
         total = median([t.total_s for t in timings])
@@ -599,6 +640,7 @@ def summarise(runs: dict[tuple[str, int], list[RunTiming]], dtype: str, work: Wo
         r.speedup_vs_lora_per_task = None if ref is None else ref.total_s / r.total_s
         r.vs_base = None if base is None else r.total_s / base.total_s
         r.vs_base_loop = None if base_loop is None else r.total_s / base_loop.total_s
+        floor_fractions(r, config, work, peak)
     return results
 
 
@@ -742,7 +784,9 @@ def current_config(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in PAPER}
 
 
-def measure_dtype(dtype: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure_dtype(dtype: str, args: argparse.Namespace, peak: float | None = None) -> dict[str, Any]:
+    """The dtype's results, checks and targets; `peak`: the run's probed peak FLOP/s for it (None: no
+    fraction of the floor)."""
     setup_start = time.perf_counter()
     loaded = load(dtype, args.device, args.model)
     work = build_workload(loaded, args.requests, args.prompt_len, args.gen, args.seed)
@@ -761,7 +805,7 @@ def measure_dtype(dtype: str, args: argparse.Namespace) -> dict[str, Any]:
         # The share of the cores this process got while timing: well under 1 when other work competes.
         cpu_share = (time.process_time() - cpu_start) / ((time.perf_counter() - wall_start) * torch.get_num_threads())
         checks = dict(runners.checks)
-    results = summarise(runs, dtype, work)
+    results = summarise(runs, dtype, work, loaded.config, peak)
     checks.update(token_agreement(tokens, args.tasks, loaded.config.eos_token_ids))
     out: dict[str, Any] = {"results": results, "checks": checks, "targets": targets(results, dtype),
                            "cpu_share": cpu_share}
@@ -776,19 +820,22 @@ def measure_dtype(dtype: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_report(results: list[ArmResult], arms: list[str]) -> None:
-    headers = ["dtype", "N", "arm", "total s", "prefill s", "decode s", "tok/s", "x vs lora-task", "t/base",
-               "t/base-loop"]
+    headers = ["dtype", "N", "arm", "total s", "prefill s", "decode s", "tok/s", "frac of floor", "prefill frac",
+               "decode frac", "x vs lora-task", "t/base", "t/base-loop"]
 
     def opt(v: float | None) -> object:
         return "-" if v is None else v
 
     order = {arm: i for i, arm in enumerate(arms)}
     rows = [[r.dtype, r.num_tasks, r.arm, r.total_s, opt(r.prefill_s), opt(r.decode_s), r.tokens_per_s,
+             opt(r.fraction_of_floor), opt(r.prefill_fraction_of_floor), opt(r.decode_fraction_of_floor),
              opt(r.speedup_vs_lora_per_task), opt(r.vs_base), opt(r.vs_base_loop)]
             for r in sorted(results, key=lambda r: (r.dtype, r.num_tasks, order[r.arm]))]
     print(format_table(headers, rows))
     print("x vs lora-task = lora-per-task time / this time (the paper's speed-up); t/base = this time / base "
-          "(server, task 'base') time; t/base-loop = this time / base-loop time. Medians over repeats.")
+          "(server, task 'base') time; t/base-loop = this time / base-loop time; frac of floor = the base model's "
+          "FLOPs for the workload at the run's probed peak / this time (prefill, decode: per phase). "
+          "Medians over repeats.")
 
 
 def print_targets(all_targets: list[Target]) -> None:
@@ -882,6 +929,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-estimate", dest="estimate", action="store_false",
                         help="skip the calibration and the run-time estimate of the paper and make presets")
     add_common_args(parser, default_dtypes="float32")
+    add_probe_args(parser)
     parser.set_defaults(rank=16, repeats=None)
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -918,11 +966,12 @@ def main(argv: list[str] | None = None) -> None:
     if os.getloadavg()[0] > machine["cores"]:
         print(f"warning: load average {os.getloadavg()[0]:.1f} on {machine['cores']} cores: other work is running, "
               "timings will be slow and noisy")
+    peak = probe_for_run(args, args.dtypes, model_config(args.model), args.device)
     results: list[ArmResult] = []
     all_targets: list[Target] = []
     per_dtype: dict[str, dict[str, Any]] = {}
     for dtype in args.dtypes:
-        out = measure_dtype(dtype, args)
+        out = measure_dtype(dtype, args, peak_of(peak, dtype))
         results += out["results"]
         all_targets += out["targets"]
         per_dtype[dtype] = {k: v for k, v in out.items() if k not in ("results", "targets")}
@@ -934,7 +983,7 @@ def main(argv: list[str] | None = None) -> None:
     print_estimates(estimates)
     print(f"differs from the paper's Table 4 setting: {_describe(differs)}")
     payload = {"benchmark": "multitask", "settings": settings, "differs_from_paper": differs, "machine": machine,
-               "paper_table4_ms": PAPER_TABLE4_MS,
+               "paper_table4_ms": PAPER_TABLE4_MS, "peak": peak, "flop_count": FLOP_COUNT,
                "results": [asdict(r) for r in results], "targets": [asdict(t) | {"is_met": t.is_met}
                                                                     for t in all_targets],
                "per_dtype": per_dtype}

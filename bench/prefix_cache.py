@@ -8,6 +8,18 @@ each measured run every task has served one request (so a warm cache holds each 
 steady state; the same warm-up runs with the cache off). Reported per arm: TTFT (median, p90, max)
 and prefill throughput (prompt tokens / time to the last first token), and the ratio on/off.
 
+Distance to the machine's limit: before the model is loaded the run probes the peak GEMM rate of its
+dtype (bench/peak.py; `--no-peak-probe` skips it). Per arm, `fraction_of_floor` = the workload's
+base-model FLOPs at that peak / the run's total seconds, and `prefill_fraction_of_floor` = the
+prompts' prefill FLOPs at that peak / the time to the last first token (medians over repeats).
+FLOPs counted (`bench.peak.generation_flops`): every prompt token in full, as if nothing were cached
+(2 * tokens * every layer's projection weights, causal attention 4 * layers * heads * head_dim per
+(query, key) pair, the LM head on each prompt's last token and on every decode step), then `--gen` - 1
+decode steps per request; not counted: embedding, norms, RoPE, SiLU, softmax, KV writes, sampling and
+the adapters. With the cache on, the cached prefix's FLOPs are not done, so that arm's fraction is an
+effective one (the cache's gain over the floor of recomputing) and may pass 1; the cache-off arm's is
+the plain distance to the limit.
+
 Run from the repo root: `python -m bench.prefix_cache` (about 5 minutes on 2 cores in fp32), or a
 smoke run: `python -m bench.prefix_cache --tasks 2 --requests 4 --prefix-tokens 64 --repeats 1`.
 """
@@ -36,6 +48,17 @@ from bench.common import (
     settings_of,
     setup_threads,
 )
+from bench.peak import (
+    FLOP_COUNT,
+    add_probe_args,
+    fraction_of_floor,
+    generation_flops,
+    model_config,
+    or_dash,
+    peak_of,
+    prefill_flops,
+    probe_for_run,
+)
 from launcher.roles import build_app
 from launcher.settings import ServeSettings
 from prad.adapters import AdapterConfig, save_adapter
@@ -59,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    add_probe_args(p)
     return p.parse_args(argv)
 
 
@@ -111,20 +135,35 @@ def measure_arm(loaded: LoadedModel, root: Path, tasks: list[str], args: argpars
         run_http_load({"url": url, "gen": 1, "requests": warm}, timeout_s=3600)
         measured = requests_for(loaded, root, tasks, args.requests, examples, offset=repeat * args.requests)
         out = run_http_load({"url": url, "gen": args.gen, "requests": measured}, timeout_s=3600)
-    prompt_tokens = sum(r["prompt_tokens"] for r in measured)
+    prompt_lens = [r["prompt_tokens"] for r in measured]
+    prompt_tokens = sum(prompt_lens)
     ttft = sorted(out["ttft_s"])
     return {"prefill_s": out["prefill_s"], "total_s": out["total_s"], "prompt_tokens": prompt_tokens,
+            "flops": generation_flops(loaded.config, prompt_lens, args.gen),
+            "prefill_flops": sum(prefill_flops(loaded.config, n) for n in prompt_lens),
             "prefill_tokens_per_s": prompt_tokens / out["prefill_s"], "ttft_median_s": median(ttft),
             "ttft_p90_s": ttft[int(0.9 * (len(ttft) - 1))], "ttft_max_s": ttft[-1], "ttft_s": out["ttft_s"],
             "tokens": out["tokens"]}
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Median over repeats per arm, and on/off ratios (tokens must agree: the cache is exact)."""
+def floor_fractions(run: dict[str, Any], peak: float | None) -> dict[str, float | None]:
+    """One run's fractions of the compute floor at `peak` (bench/peak.py): whole run and prefill."""
+    return {"fraction_of_floor": fraction_of_floor(run["flops"], run["total_s"], peak),
+            "prefill_fraction_of_floor": fraction_of_floor(run["prefill_flops"], run["prefill_s"], peak)}
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]], peak: float | None = None) -> dict[str, Any]:
+    """Median over repeats per arm, and on/off ratios (tokens must agree: the cache is exact);
+    `peak`: the run's probed peak FLOP/s (None: no fraction of the floor)."""
     summary: dict[str, Any] = {}
     for arm, rs in runs.items():
         summary[arm] = {key: median([r[key] for r in rs]) for key in
                         ("prefill_s", "prefill_tokens_per_s", "ttft_median_s", "ttft_p90_s", "ttft_max_s")}
+        fractions = [floor_fractions(r, peak) for r in rs]
+        summary[arm]["peak_flops_per_s"] = peak
+        for key in ("fraction_of_floor", "prefill_fraction_of_floor"):
+            values = [v for f in fractions if (v := f[key]) is not None]
+            summary[arm][key] = median(values) if values else None
     on, off = summary["cache-on"], summary["cache-off"]
     summary["ttft_median_speedup"] = off["ttft_median_s"] / on["ttft_median_s"]
     summary["prefill_throughput_ratio"] = on["prefill_tokens_per_s"] / off["prefill_tokens_per_s"]
@@ -151,6 +190,8 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setup_threads(args.threads)
+    machine = machine_info([args.dtype])  # before the runs: its load average is the run's start
+    peak = probe_for_run(args, [args.dtype], model_config())
     loaded = load(args.dtype)
     examples = load_examples(args.data)
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
@@ -161,15 +202,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for rep, arm in tqdm(order, desc="prefix cache arms", unit="run"):
             cache_mb = args.cache_mb if arm == "cache-on" else 0
             runs[arm].append(measure_arm(loaded, root, tasks, args, cache_mb, examples, rep))
-    summary = summarise(runs)
+    summary = summarise(runs, peak_of(peak, args.dtype))
     rows = [[arm, f"{summary[arm]['ttft_median_s']:.3f}", f"{summary[arm]['ttft_p90_s']:.3f}",
-             f"{summary[arm]['prefill_s']:.2f}", f"{summary[arm]['prefill_tokens_per_s']:.0f}"] for arm in ARMS]
-    print(format_table(["arm", "TTFT median s", "TTFT p90 s", "prefill s", "prefill tok/s"], rows))
+             f"{summary[arm]['prefill_s']:.2f}", f"{summary[arm]['prefill_tokens_per_s']:.0f}",
+             or_dash(summary[arm]["prefill_fraction_of_floor"]), or_dash(summary[arm]["fraction_of_floor"])]
+            for arm in ARMS]
+    print(format_table(["arm", "TTFT median s", "TTFT p90 s", "prefill s", "prefill tok/s", "prefill frac of floor",
+                        "frac of floor"], rows))
+    print("frac of floor: the uncached workload's FLOPs at the run's probed peak / the measured time (cache on: "
+          "effective, may pass 1)")
     print(f"TTFT median x{summary['ttft_median_speedup']:.2f}, prefill throughput x"
           f"{summary['prefill_throughput_ratio']:.2f}, tokens identical: {summary['tokens_identical']}")
-    payload = {"benchmark": "prefix_cache", "settings": settings_of(args), "machine": machine_info([args.dtype]),
-               "summary": summary, "runs": {arm: [{k: v for k, v in r.items() if k != "tokens"} for r in rs]
-                                            for arm, rs in runs.items()}}
+    payload = {"benchmark": "prefix_cache", "settings": settings_of(args), "machine": machine,
+               "peak": peak, "flop_count": FLOP_COUNT, "summary": summary,
+               "runs": {arm: [{k: v for k, v in r.items() if k != "tokens"} for r in rs] for arm, rs in runs.items()}}
     save_results(args.out, "prefix_cache", payload, lambda path: plot(runs, path))
     return payload
 

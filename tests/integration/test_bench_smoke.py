@@ -22,8 +22,10 @@ def _threads() -> list[str]:
 
 def test_decode_bench_smoke(tmp_path) -> None:
     decode.main(["--batches", "1,3", "--steps", "2", "--warmup", "1", "--repeats", "1", "--context", "8",
-                 "--tasks", "2", "--dtypes", "float32", "--out", str(tmp_path), *_threads()])
+                 "--tasks", "2", "--dtypes", "float32", "--out", str(tmp_path), *_threads(),
+                 "--peak-seconds", "0.02", "--peak-tokens", "16", "--peak-batches", "2"])
     out = json.loads((tmp_path / "decode.json").read_text())
+    assert out["peak"]["best"]["float32"]["flops_per_s"] > 0
     assert [r["batch"] for r in out["results"]] == [1, 3]  # 3 rows: a padded step on CPU
     for r in out["results"]:
         assert set(r["tokens_per_s"]) == {"base", "tasks", "forward", "torch-ops"}
@@ -36,6 +38,7 @@ def test_decode_bench_smoke(tmp_path) -> None:
         assert {len(v) for v in r["step_seconds"].values()} == {2}  # repeats x steps, every condition
         low, high = r["tasks_over_base_ci95"]
         assert low <= r["tasks_over_base"] <= high
+        assert r["peak_flops_per_s"] > 0 and 0 < r["fraction_of_floor"] <= 1.5  # a tiny probe: loose bounds
     assert out["machine"]["native_kernels"] is (kernels.library() is not None)
     assert (tmp_path / "decode.png").stat().st_size > 0
 
@@ -43,10 +46,14 @@ def test_decode_bench_smoke(tmp_path) -> None:
 def test_multitask_bench_smoke(tmp_path) -> None:
     arms = "prad-pa,prad-pa-grpc,base,lora-per-task,lora-mixed,peft-lora-mixed,base-loop"
     multitask.main(["--tasks", "2", "--requests", "4", "--prompt-len", "8", "--gen", "3", "--repeats", "1",
-                    "--arms", arms, "--no-estimate", "--out", str(tmp_path), *_threads()])
+                    "--arms", arms, "--no-estimate", "--out", str(tmp_path), *_threads(),
+                    "--peak-seconds", "0.02", "--peak-tokens", "16", "--peak-batches", "2"])
     out = json.loads((tmp_path / "multitask.json").read_text())
     assert {r["arm"] for r in out["results"]} == set(arms.split(","))
     assert all(r["total_s"] > 0 for r in out["results"])
+    assert out["peak"]["best"]["float32"]["flops_per_s"] > 0
+    assert all(r["flops"] > 0 and 0 < r["fraction_of_floor"] <= 1.5 for r in out["results"])  # a tiny probe
+    assert all(0 < r["prefill_fraction_of_floor"] <= 1.5 for r in out["results"] if r["prefill_s"] is not None)
     checks = out["per_dtype"]["float32"]["checks"]
     agreements = {k: v for k, v in checks.items() if "==" in k}
     assert len(agreements) == 4 and all(v == 1.0 for v in agreements.values()), checks
@@ -77,13 +84,15 @@ def test_soak_bench_smoke(server, tmp_path) -> None:
 def test_prefill_bench_smoke(tmp_path) -> None:
     """Both strategies and the mixed row; 4 prompts of 8 tokens in sub-batches of 16 (two calls per run)."""
     prefill.main(["--prompts", "4", "--prompt-len", "8", "--tasks", "1,3", "--repeats", "1", "--warmup-rows", "1",
-                  "--max-prefill-tokens", "16", "--dtypes", "float32", "--out", str(tmp_path), *_threads()])
+                  "--max-prefill-tokens", "16", "--dtypes", "float32", "--out", str(tmp_path), *_threads(),
+                  "--peak-seconds", "0.02", "--peak-tokens", "16", "--peak-batches", "2"])
     out = json.loads((tmp_path / "prefill.json").read_text())
     assert [r["name"] for r in out["results"]] == ["base", "prad-pa x1", "prad-pa x3 gather", "prad-pa x3 segment",
                                                   "mixed x3 gather", "mixed x3 segment"]
     for r in out["results"]:
         assert r["tokens"] == 32 and r["calls"] == 2 and len(r["tokens_per_s_runs"]) == 1
         assert r["tokens_per_s"] > 0 and r["vs_base"] > 0 and r["vs_one_task"] > 0
+        assert r["flops"] > 0 and 0 < r["fraction_of_floor"] <= 1.5  # a tiny probe: loose bounds
     assert out["settings"]["prompts"] == 4 and out["machine"]
     assert (tmp_path / "prefill.png").stat().st_size > 0
 
@@ -134,8 +143,15 @@ def _generate(url: str, task: str, prompt: str) -> list[int]:
 
 def test_prefix_cache_bench_smoke(tmp_path) -> None:
     out = prefix_cache.main(["--tasks", "2", "--requests", "4", "--prefix-tokens", "48", "--gen", "2",
-                             "--repeats", "1", "--out", str(tmp_path), *_threads()])
+                             "--repeats", "1", "--out", str(tmp_path), *_threads(),
+                             "--peak-seconds", "0.02", "--peak-tokens", "256", "--peak-batches", "2"])
     summary = out["summary"]
+    assert out["peak"]["best"]["float32"]["flops_per_s"] > 0
+    # a tiny probe (on the ~250-token prefill pass's shapes): loose bounds; with the cache on the cached
+    # prefix's FLOPs are not done, so that arm's (effective) fraction may pass 1
+    assert 0 < summary["cache-off"]["fraction_of_floor"] <= 1.5
+    assert 0 < summary["cache-off"]["prefill_fraction_of_floor"] <= 1.5
+    assert summary["cache-on"]["fraction_of_floor"] > 0 and summary["cache-on"]["prefill_fraction_of_floor"] > 0
     assert summary["tokens_identical"]  # the cache is exact: both arms answer alike
     assert summary["cache-on"]["prefill_tokens_per_s"] > 0 and summary["ttft_median_speedup"] > 0
     assert len(out["runs"]["cache-on"][0]["ttft_s"]) == 4
