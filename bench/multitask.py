@@ -98,7 +98,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import torch
@@ -216,7 +216,7 @@ def build_workload(loaded: LoadedModel, requests: int, prompt_len: int, gen: int
     gen_ = torch.Generator().manual_seed(seed)
     picks = torch.randint(0, len(words), (requests, prompt_len), generator=gen_).tolist()
     prompt_ids = [[words[j] for j in row] for row in picks]
-    texts = [loaded.tokenizer.decode(ids) for ids in prompt_ids]
+    texts = [str(loaded.tokenizer.decode(ids)) for ids in prompt_ids]
     for text, ids in zip(texts, prompt_ids, strict=True):
         if loaded.tokenizer(text).input_ids != ids:
             raise RuntimeError(f"prompt {text[:40]!r}... does not round-trip through the tokenizer")
@@ -286,11 +286,11 @@ def serving(loaded: LoadedModel, adapters_root: Path, transport: str, args: argp
             timeout_s: float = 120.0) -> Iterator[str]:
     """Build the app (role=all) and serve it with uvicorn on a loopback port; yields the base URL."""
     grpc_port = free_port()
-    settings = ServeSettings(
+    settings = ServeSettings.model_validate(dict(  # validated: transport and dtype come in as strings
         role="all", transport=transport, grpc_host=GRPC_HOST, grpc_port=grpc_port,
         decode_addr=f"{GRPC_HOST}:{grpc_port}", adapters=adapters_root, device=args.device, dtype=dtype,
         max_batch_size=args.requests, max_prefill_tokens=args.max_prefill_tokens, max_waiting=max(256, args.requests),
-        max_loaded_adapters=max(64, 2 * max(args.tasks)), request_timeout_s=3600.0, log_level="warning")
+        max_loaded_adapters=max(64, 2 * max(args.tasks)), request_timeout_s=3600.0, log_level="warning"))
     with serve_app(build_app(settings, loaded), timeout_s) as url:
         yield url
 
@@ -457,8 +457,9 @@ class PeftArm:
 
         hf_logging.set_verbosity_error()
         config = adapters[0].config
-        hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=loaded.model.dtype).to(loaded.model.device).eval()
-        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none",
+        hf: Any = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=loaded.model.dtype)  # transformers' types
+        hf = hf.to(loaded.model.device).eval()
+        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha,  # type: ignore[arg-type]  # PEFT takes floats lora_dropout=0.0, bias="none",
                           target_modules=[f"{t}_proj" for t in config.targets])
         self.names = [f"t{t:03d}" for t in range(len(adapters))]
         self.model = get_peft_model(hf, lora, adapter_name=self.names[0])
@@ -479,10 +480,11 @@ class PeftArm:
             match = pattern.search(module_name)
             if not isinstance(module, LoraLayer) or match is None:
                 continue
+            lora_a, lora_b = cast(Any, module.lora_A), cast(Any, module.lora_B)  # ModuleDicts
             layer, target = int(match[1]), match[2]
             for name, adapter in zip(self.names, adapters, strict=True):
-                module.lora_A[name].weight.copy_(adapter.tensor(layer, f"lora_{target}.a").T)
-                module.lora_B[name].weight.copy_(adapter.tensor(layer, f"lora_{target}.b").T)
+                lora_a[name].weight.copy_(adapter.tensor(layer, f"lora_{target}.a").T)
+                lora_b[name].weight.copy_(adapter.tensor(layer, f"lora_{target}.b").T)
             num_layers += 1
         if num_layers == 0:
             raise RuntimeError("no PEFT LoRA layers matched the model's attention projections")

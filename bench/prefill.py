@@ -37,7 +37,9 @@ Run from the repo root: `python -m bench.prefill` (full run) or, for a smoke run
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -184,7 +186,7 @@ def prefill_batch(runner: PrefillRunner, prompts: list[list[int]], adapters: lis
         runner.run([ChunkInput(prompts[i], 0, adapters[i], None) for i in group])
 
 
-def time_conditions(runners: dict[str, PrefillRunner], prompts: list[list[int]], conditions: list[Condition],
+def time_conditions(runners: Mapping[str, PrefillRunner], prompts: list[list[int]], conditions: list[Condition],
                     groups: list[range], args: argparse.Namespace, dtype: str) -> dict[str, list[float]]:
     """tokens/s per condition, `repeats` runs each, conditions interleaved (order alternating)."""
     tokens = sum(len(p) for p in prompts)
@@ -195,7 +197,7 @@ def time_conditions(runners: dict[str, PrefillRunner], prompts: list[list[int]],
     with tqdm(total=args.repeats * len(conditions), desc=f"prefill {dtype}", unit="run") as bar:
         for rep in range(args.repeats):
             for c in conditions if rep % 2 == 0 else conditions[::-1]:
-                seconds = time_call(lambda c=c: prefill_batch(runners[c.strategy], prompts, c.row_adapters, groups))
+                seconds = time_call(partial(prefill_batch, runners[c.strategy], prompts, c.row_adapters, groups))
                 runs[c.name].append(tokens / seconds)
                 bar.update()
     return runs
