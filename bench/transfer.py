@@ -17,10 +17,21 @@ reported with each transport's overhead over inproc in the same run (targets: gR
 <= 10 % and Redis <= 20 % at 512 tokens).
 
 KV bytes per token come from the prefill services' `prad:kv_transfer_bytes` counter (raw KV bytes
-handed to decode) divided by the prompt tokens; "effective MB/s" = KV bytes / (transport TTFT -
-inproc TTFT), the rate the handoff achieved end to end (encode, checksum, send, receive, verify,
-copy into the slot cache). Next to it, measured in the same run: raw loopback TCP throughput (one
-socket, 1 MiB writes) and, for Redis, one SET + GET of a KV-sized blob.
+handed to decode, in the model's dtype) divided by the prompt tokens; wire bytes per token are those
+the KV wire format sends (kv_transfer.wire, computed from the layout); "effective MB/s" = wire bytes /
+(transport TTFT - inproc TTFT), the rate the handoff achieved end to end (encode, checksum, send,
+receive, verify, decode, copy into the slot cache). Next to it, measured in the same run: raw loopback
+TCP throughput (one socket, 1 MiB writes) and, for Redis, one SET + GET of a KV-sized blob.
+
+`--kv-wire-formats native,bfloat16,int8` (default native) runs one prefill process per format on each
+of the gRPC and Redis links, all sharing that link's decode process (the format is a prefill-side
+setting; decode reads it from each handoff's header); inproc never encodes, so it runs once.
+
+The handoff alone, without prefill's noise around it, is timed next (`--handoff-repeats`, 5; 0 skips
+it): in this process, per link, format and prompt length, a KV of that length (random, the model's
+fp32 layout) goes from `send()` through the real sender and receiver (encode, CRC-32C, gRPC stream or
+Redis SET + job, receive, verify, rebuild the fp32 KV) to a decode side that admits it and answers one
+final event at once; the median of send -> final event is reported.
 
 Run from the repo root: `python -m bench.transfer` (full run), or a smoke run:
 `python -m bench.transfer --prompt-lengths 16,64 --requests 2 --gen 4`.
@@ -37,20 +48,27 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
 from tqdm import tqdm
 
 from bench.common import DEFAULT_OUT, format_table, load, machine_info, median, pyplot, save_results, settings_of
 from bench.multitask import build_workload
+from kv_transfer.base import DecodeBackend, EventSink, KVSender, TokenEvent
+from kv_transfer.handoff import KVHandoff, KVLayout
+from kv_transfer.outcome import FinishReason
+from kv_transfer.wire import KV_WIRE_FORMATS, kv_wire_num_bytes, wire_encoding
 from launcher.local import RedisServer, ServeProcess, find_redis_server, free_port
 from prad.adapters import AdapterConfig
 from prad.adapters.io import init_tensors, save_adapter
 from prad.loading import LoadedModel
+from prad.sampling import SamplingParams
 
 TRANSPORTS = ("inproc", "grpc", "redis")
 TASK = "bench-pa"
@@ -61,15 +79,22 @@ BYTES_METRIC = "prad:kv_transfer_bytes_total"
 
 @dataclass
 class Stack:
-    """One serving stack: the processes it runs and the front door's URL."""
+    """One serving stack: the processes it runs (a decode process may serve several stacks) and the
+    front door's URL."""
 
     transport: str
     processes: list[ServeProcess] = field(default_factory=list)
     redis_url: str | None = None
+    kv_wire_format: str = "native"
 
     @property
     def url(self) -> str:
         return self.processes[-1].url  # the front door (prefill or all) is started last
+
+    @property
+    def label(self) -> str:
+        """"grpc", or "grpc/int8" for a lossy wire format."""
+        return self.transport if self.kv_wire_format == "native" else f"{self.transport}/{self.kv_wire_format}"
 
 
 @dataclass
@@ -88,6 +113,8 @@ class Row:
     e2e_ms: float
     ttft_ms_runs: list[float]
     kv_bytes_per_token: float | None
+    kv_wire_format: str = "native"  # how the KV travelled (inproc: never encoded)
+    wire_bytes_per_token: float | None = None  # KV bytes on the wire per prompt token (inproc: None)
     ttft_overhead: float | None = None  # transport TTFT / inproc TTFT - 1
     e2e_overhead: float | None = None
     effective_mb_per_s: float | None = None
@@ -100,34 +127,45 @@ def write_task_adapter(root: Path, loaded: LoadedModel, rank: int, seed: int) ->
 
 def start_stacks(transports: list[str], args: argparse.Namespace, work_dir: Path, adapters: Path,
                  stack: ExitStack) -> list[Stack]:
-    """Start every stack (decode before prefill) and register their shutdown on `stack`."""
+    """Start every stack (decode before prefill; per link one decode process, one prefill per wire
+    format) and register their shutdown on `stack`."""
     common = ["--max-seq-len", str(max(args.prompt_lengths) + args.gen), "--max-batch-size", "4",
               "--max-prefill-tokens", str(max(args.prompt_lengths)), "--log-level", "warning"]
     front = ["--adapters", str(adapters), *common]
+
+    def start(process_args: list[str], name: str) -> ServeProcess:
+        process = ServeProcess(process_args, work_dir, name, threads=args.threads)
+        stack.callback(process.stop)
+        return process.start(timeout_s=300)
+
     stacks = []
     for transport in transports:
-        s = Stack(transport)
         if transport == "inproc":
-            s.processes.append(ServeProcess(["--role", "all", *front], work_dir, "inproc", threads=args.threads))
-        elif transport == "grpc":
+            stacks.append(Stack(transport, [start(["--role", "all", *front], "inproc")]))
+            continue
+        redis_url = None
+        if transport == "grpc":
             port = free_port()
-            s.processes.append(ServeProcess(["--role", "decode", "--transport", "grpc", "--grpc-port", str(port),
-                                             *common], work_dir, "grpc-decode", threads=args.threads))
-            s.processes.append(ServeProcess(["--role", "prefill", "--transport", "grpc", "--decode-addr",
-                                             f"127.0.0.1:{port}", *front], work_dir, "grpc-prefill",
-                                            threads=args.threads))
+            decode = start(["--role", "decode", "--transport", "grpc", "--grpc-port", str(port), *common],
+                           "grpc-decode")
+            link = ["--transport", "grpc", "--decode-addr", f"127.0.0.1:{port}"]
         else:
-            s.redis_url = start_redis(work_dir, stack).url
-            link = ["--transport", "redis", "--redis-url", s.redis_url]
-            s.processes.append(ServeProcess(["--role", "decode", *link, *common], work_dir, "redis-decode",
-                                            threads=args.threads))
-            s.processes.append(ServeProcess(["--role", "prefill", *link, *front], work_dir, "redis-prefill",
-                                            threads=args.threads))
-        for p in s.processes:
-            stack.callback(p.stop)
-            p.start(timeout_s=300)
-        stacks.append(s)
+            redis_url = start_redis(work_dir, stack).url
+            link = ["--transport", "redis", "--redis-url", redis_url]
+            decode = start(["--role", "decode", *link, *common], "redis-decode")
+        for fmt in args.kv_wire_formats:
+            suffix = "" if fmt == "native" else f"-{fmt}"
+            prefill = start(["--role", "prefill", *link, "--kv-wire-format", fmt, *front],
+                            f"{transport}-prefill{suffix}")
+            stacks.append(Stack(transport, [decode, prefill], redis_url, fmt))
     return stacks
+
+
+def wire_bytes_per_token(loaded: LoadedModel, kv_wire_format: str) -> int:
+    """KV bytes one prompt token costs on the wire in `kv_wire_format` (fp32 model, as these stacks run)."""
+    c = loaded.config
+    layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, "float32", 1)
+    return kv_wire_num_bytes(layout, wire_encoding(torch.float32, kv_wire_format))
 
 
 def start_redis(work_dir: Path, stack: ExitStack) -> RedisServer:
@@ -192,7 +230,7 @@ async def timed_request(client: httpx.AsyncClient, url: str, text: str, gen: int
 def measure_length(stacks: list[Stack], texts: list[str], prompt_len: int, args: argparse.Namespace,
                    bar: tqdm) -> dict[str, list[Sample]]:
     """Warm-up once per stack, then `requests` rounds of one request per stack, one at a time."""
-    samples: dict[str, list[Sample]] = {s.transport: [] for s in stacks}
+    samples: dict[str, list[Sample]] = {s.label: [] for s in stacks}
 
     async def run() -> None:
         async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
@@ -202,20 +240,25 @@ def measure_length(stacks: list[Stack], texts: list[str], prompt_len: int, args:
                 for s in stacks:
                     before = kv_bytes_sent(s.url)
                     ttft, e2e = await timed_request(client, s.url, text, args.gen, prompt_len)
-                    samples[s.transport].append(Sample(ttft, e2e, kv_bytes_sent(s.url) - before))
+                    samples[s.label].append(Sample(ttft, e2e, kv_bytes_sent(s.url) - before))
                     bar.update(1)
 
     asyncio.run(run())
     return samples
 
 
-def summarise(samples: dict[str, list[Sample]], prompt_len: int) -> list[Row]:
+def summarise(samples: dict[str, list[Sample]], prompt_len: int, stacks: list[Stack],
+              wire_bytes: dict[str, int]) -> list[Row]:
+    """One row per stack; `wire_bytes`: KV bytes per token on the wire, per wire format."""
+    by_label = {s.label: s for s in stacks}
     rows = []
-    for transport, got in samples.items():
-        kv = median([s.kv_bytes for s in got])
-        rows.append(Row(transport, prompt_len, len(got), 1000 * median([s.ttft_s for s in got]),
-                        1000 * median([s.e2e_s for s in got]), [round(1000 * s.ttft_s, 2) for s in got],
-                        kv / prompt_len if kv > 0 else None))
+    for label, got in samples.items():
+        s = by_label[label]
+        kv = median([x.kv_bytes for x in got])
+        rows.append(Row(s.transport, prompt_len, len(got), 1000 * median([x.ttft_s for x in got]),
+                        1000 * median([x.e2e_s for x in got]), [round(1000 * x.ttft_s, 2) for x in got],
+                        kv / prompt_len if kv > 0 else None, s.kv_wire_format,
+                        None if s.transport == "inproc" else wire_bytes[s.kv_wire_format]))
     base = next((r for r in rows if r.transport == "inproc"), None)
     for r in rows:
         if base is None or r is base:
@@ -223,9 +266,108 @@ def summarise(samples: dict[str, list[Sample]], prompt_len: int) -> list[Row]:
         r.ttft_overhead = r.ttft_ms / base.ttft_ms - 1
         r.e2e_overhead = r.e2e_ms / base.e2e_ms - 1
         extra_s = (r.ttft_ms - base.ttft_ms) / 1000
-        if r.kv_bytes_per_token and extra_s > 0:
-            r.effective_mb_per_s = r.kv_bytes_per_token * prompt_len / extra_s / 1e6
+        sent = r.wire_bytes_per_token if r.kv_bytes_per_token else None  # None: no KV moved at all
+        if sent and extra_s > 0:
+            r.effective_mb_per_s = sent * prompt_len / extra_s / 1e6
     return rows
+
+
+@dataclass
+class HandoffRow:
+    """The handoff alone: send() -> the receiver's rebuilt KV admitted -> its final event back."""
+
+    transport: str
+    kv_wire_format: str
+    prompt_len: int
+    wire_bytes: int
+    handoff_ms: float  # median
+    handoff_ms_runs: list[float]
+
+
+class _AdmitAtOnce(DecodeBackend):
+    """A decode side that takes the rebuilt handoff and finishes it at once (no model, no slot cache)."""
+
+    def submit(self, handoff: KVHandoff, sink: EventSink) -> None:
+        sink(TokenEvent(handoff.request_id, [handoff.first_token_id], "", FinishReason.LENGTH,
+                        num_prompt_tokens=handoff.layout.length, num_output_tokens=1))
+
+    def abort(self, request_id: str) -> None:
+        pass
+
+    def stats(self) -> dict[str, int]:
+        return {"num_running": 0, "num_waiting": 0, "max_waiting": 16}
+
+
+def time_handoff(sender: KVSender, kv: torch.Tensor, layout: KVLayout, repeats: int) -> list[float]:
+    """Seconds from send() to the final event, `repeats` times after one warm-up."""
+    times = []
+    for i in range(repeats + 1):
+        done = threading.Event()
+        events: list[TokenEvent] = []
+
+        def sink(event: TokenEvent, events: list[TokenEvent] = events, done: threading.Event = done) -> None:
+            events.append(event)
+            if event.is_final:
+                done.set()
+
+        handoff = KVHandoff(f"handoff-{time.monotonic_ns()}-{i}", "bench", "v", "fp", [1] * layout.length, 2,
+                            SamplingParams(1), None, layout, kv)
+        start = time.perf_counter()
+        sender.send(handoff, sink)
+        if not done.wait(120) or events[-1].finish_reason is not FinishReason.LENGTH:
+            raise RuntimeError(f"handoff over {sender.transport_name} failed: {events[-1:]}")
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def measure_handoffs(loaded: LoadedModel, args: argparse.Namespace, redis_url: str | None) -> list[HandoffRow]:
+    """Per link (gRPC and Redis, as in --transports), format and prompt length: the handoff alone."""
+    from kv_transfer.grpc_client import GrpcSender
+    from kv_transfer.grpc_server import DecodeServicer, GrpcDecodeServer
+    from kv_transfer.protos import kv_handoff_pb2 as pb
+
+    backend = _AdmitAtOnce()
+    c = loaded.config
+    rows = []
+    with ExitStack() as stack:
+        server = GrpcDecodeServer(DecodeServicer(backend, pb.HealthReply, None), "127.0.0.1", 0)
+        server.start()
+        stack.callback(server.stop)
+        address = f"127.0.0.1:{server.port}"
+        makers: dict[str, Callable[[str], KVSender]] = {}
+        if "grpc" in args.transports:
+            makers["grpc"] = lambda fmt: GrpcSender(address, kv_wire_format=fmt)
+        if redis_url is not None:
+            from kv_transfer.redis_sender import RedisSender
+            from kv_transfer.redis_worker import RedisDecodeWorker
+
+            worker = RedisDecodeWorker(backend, redis_url, "bench-handoff:", "bench-replica")
+            worker.start()
+            stack.callback(worker.stop)
+            makers["redis"] = lambda fmt: RedisSender(redis_url, "bench-handoff:", kv_wire_format=fmt)
+        for transport, make in makers.items():
+            for fmt in args.kv_wire_formats:
+                sender = make(fmt)
+                try:
+                    wait_ready(sender)
+                    for length in args.prompt_lengths:
+                        layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, "float32", length)
+                        kv = torch.randn(layout.shape, generator=torch.Generator().manual_seed(length))
+                        runs = time_handoff(sender, kv, layout, args.handoff_repeats)
+                        rows.append(HandoffRow(transport, fmt, length, kv_wire_num_bytes(
+                            layout, wire_encoding(kv.dtype, fmt)), 1000 * median(runs),
+                            [round(1000 * t, 2) for t in runs]))
+                finally:
+                    sender.close()
+    return rows
+
+
+def wait_ready(sender: KVSender, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not sender.is_ready()[0]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{sender.transport_name} sender not ready: {sender.is_ready()[1]}")
+        time.sleep(0.1)
 
 
 def loopback_mb_per_s(total_bytes: int = 256 << 20, chunk: int = 1 << 20) -> float:
@@ -276,19 +418,27 @@ def redis_set_get_mb_per_s(url: str, size: int, repeats: int = 3) -> float:
     return median(rates)
 
 
-def print_report(rows: list[Row], references: dict[str, float]) -> None:
+def print_report(rows: list[Row], references: dict[str, float], handoffs: list[HandoffRow]) -> None:
     def opt(v: float | None, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
         return "-" if v is None else fmt.format(v * scale)
 
-    headers = ["transport", "prompt", "TTFT ms", "vs inproc", "e2e ms", "vs inproc", "KV B/token", "eff. MB/s"]
-    table = [[r.transport, r.prompt_len, r.ttft_ms, opt(r.ttft_overhead, 100, "{:+.1f}%"), r.e2e_ms,
-              opt(r.e2e_overhead, 100, "{:+.1f}%"), opt(r.kv_bytes_per_token, 1, "{:,.0f}"),
+    headers = ["transport", "wire format", "prompt", "TTFT ms", "vs inproc", "e2e ms", "vs inproc", "KV B/token",
+               "wire B/token", "eff. MB/s"]
+    table = [[r.transport, "-" if r.transport == "inproc" else r.kv_wire_format, r.prompt_len, r.ttft_ms,
+              opt(r.ttft_overhead, 100, "{:+.1f}%"), r.e2e_ms, opt(r.e2e_overhead, 100, "{:+.1f}%"),
+              opt(r.kv_bytes_per_token, 1, "{:,.0f}"), opt(r.wire_bytes_per_token, 1, "{:,.0f}"),
               opt(r.effective_mb_per_s, 1, "{:,.0f}")] for r in rows]
     print(format_table(headers, table))
     for name, value in references.items():
         print(f"{name}: {value:,.0f} MB/s")
+    if handoffs:
+        print("the handoff alone (send -> KV rebuilt and admitted -> final event; no model):")
+        print(format_table(["transport", "wire format", "prompt", "wire MB", "handoff ms", "MB/s"],
+                           [[h.transport, h.kv_wire_format, h.prompt_len, h.wire_bytes / 1e6, h.handoff_ms,
+                             h.wire_bytes / h.handoff_ms / 1e3] for h in handoffs]))
     for transport, limit in TARGET_OVERHEAD.items():
-        r = next((r for r in rows if r.transport == transport and r.prompt_len == TARGET_LENGTH), None)
+        r = next((r for r in rows if r.transport == transport and r.kv_wire_format == "native"
+                  and r.prompt_len == TARGET_LENGTH), None)
         if r is not None and r.ttft_overhead is not None:
             verdict = "met" if r.ttft_overhead <= limit else "MISSED"
             print(f"target {transport} TTFT overhead at {TARGET_LENGTH} tokens <= {limit:.0%}: "
@@ -298,12 +448,13 @@ def print_report(rows: list[Row], references: dict[str, float]) -> None:
 def plot(rows: list[Row], path: Path) -> None:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
-    for transport in dict.fromkeys(r.transport for r in rows):
-        rs = [r for r in rows if r.transport == transport]
-        left.plot([r.prompt_len for r in rs], [r.ttft_ms for r in rs], marker="o", label=transport)
-        if transport != "inproc":
+    for key in dict.fromkeys((r.transport, r.kv_wire_format) for r in rows):
+        rs = [r for r in rows if (r.transport, r.kv_wire_format) == key]
+        label = key[0] if key[1] == "native" else "/".join(key)
+        left.plot([r.prompt_len for r in rs], [r.ttft_ms for r in rs], marker="o", label=label)
+        if key[0] != "inproc":
             right.plot([r.prompt_len for r in rs], [100 * (r.ttft_overhead or 0) for r in rs], marker="o",
-                       label=transport)
+                       label=label)
     for transport, limit in TARGET_OVERHEAD.items():
         right.axhline(100 * limit, linestyle=":", color="grey")
         right.annotate(f"{transport} target", (TARGET_LENGTH, 100 * limit), fontsize=8, va="bottom")
@@ -325,8 +476,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=5, help="timed requests per stack and length (median)")
     parser.add_argument("--gen", type=int, default=16, help="generated tokens per request (EOS ignored)")
     parser.add_argument("--transports", type=lambda t: t.split(","), default=list(TRANSPORTS))
+    parser.add_argument("--kv-wire-formats", type=lambda t: t.split(","), default=["native"],
+                        help="KV wire formats of the gRPC and Redis prefill processes, one process each "
+                             f"(from {', '.join(KV_WIRE_FORMATS)}; default native)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads of each server process (default: every core)")
+    parser.add_argument("--handoff-repeats", type=int, default=5,
+                        help="timed handoffs per link, format and length without the model (0: skip)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -335,6 +491,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not args.transports:
         parser.error(f"--transports: unknown {unknown}; choose from {', '.join(TRANSPORTS)}")
     args.transports = sorted(set(args.transports), key=TRANSPORTS.index)
+    unknown = [f for f in args.kv_wire_formats if f not in KV_WIRE_FORMATS]
+    if unknown or not args.kv_wire_formats:
+        parser.error(f"--kv-wire-formats: unknown {unknown}; choose from {', '.join(KV_WIRE_FORMATS)}")
+    args.kv_wire_formats = sorted(set(args.kv_wire_formats), key=KV_WIRE_FORMATS.index)
     return args
 
 
@@ -345,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load("float32")
     rows: list[Row] = []
     references = {"loopback TCP": loopback_mb_per_s()}
+    wire_bytes = {fmt: wire_bytes_per_token(loaded, fmt) for fmt in args.kv_wire_formats}
     with tempfile.TemporaryDirectory(prefix="prad-bench-transfer-") as tmp, ExitStack() as stack:
         work_dir = Path(tmp)
         write_task_adapter(work_dir / "adapters", loaded, args.rank, args.seed)
@@ -354,15 +515,18 @@ def main(argv: list[str] | None = None) -> None:
         with tqdm(total=total, desc="requests", unit="req") as bar:
             for length in args.prompt_lengths:
                 work = build_workload(loaded, args.requests + 1, length, args.gen, args.seed + length)
-                rows.extend(summarise(measure_length(stacks, work.texts, length, args, bar), length))
+                rows.extend(summarise(measure_length(stacks, work.texts, length, args, bar), length, stacks,
+                                      wire_bytes))
         redis_url = next((s.redis_url for s in stacks if s.redis_url), None)
         if redis_url is not None:
-            largest = int(max((r.kv_bytes_per_token or 0) * r.prompt_len for r in rows)) or 1 << 20
+            largest = int(max((r.wire_bytes_per_token or 0) * r.prompt_len for r in rows)) or 1 << 20
             references["redis SET+GET of the largest KV"] = redis_set_get_mb_per_s(redis_url, largest)
-    print_report(rows, references)
+        handoffs = measure_handoffs(loaded, args, redis_url) if args.handoff_repeats > 0 else []
+    print_report(rows, references, handoffs)
     settings = settings_of(args)
     payload = {"benchmark": "transfer", "settings": settings, "machine": machine,
-               "references_mb_per_s": references, "results": [asdict(r) for r in rows]}
+               "references_mb_per_s": references, "results": [asdict(r) for r in rows],
+               "handoffs": [asdict(h) for h in handoffs]}
     save_results(args.out, "transfer", payload, lambda path: plot(rows, path))
 
 

@@ -97,6 +97,10 @@ class KVSender(abc.ABC):
         """Whether the decode side is reachable, with a reason when not."""
         return True, "ok"
 
+    def wire_bytes(self, handoff: KVHandoff) -> int:
+        """KV bytes this transport moves for the handoff (in-process: the tensor's own size)."""
+        return handoff.kv.numel() * handoff.kv.element_size()
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 

@@ -20,7 +20,14 @@ from kv_transfer.handoff import KVHandoff
 from kv_transfer.outcome import ErrorKind
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.protos import kv_handoff_pb2_grpc as pb_grpc
-from kv_transfer.wire import chunks, encode_handoff, event_from_proto
+from kv_transfer.wire import (
+    check_wire_format,
+    chunks,
+    encode_handoff,
+    event_from_proto,
+    kv_wire_num_bytes,
+    wire_encoding,
+)
 
 _KIND_FOR = {grpc.StatusCode.UNAVAILABLE: ErrorKind.UNAVAILABLE, grpc.StatusCode.CANCELLED: ErrorKind.UNAVAILABLE,
              grpc.StatusCode.DEADLINE_EXCEEDED: ErrorKind.TIMEOUT,
@@ -31,7 +38,9 @@ class GrpcSender(KVSender):
     transport_name = "grpc"
 
     def __init__(self, address: str, secret: str | None = None, tls: TLSFiles | None = None,
-                 timeout_s: float = 300.0) -> None:
+                 timeout_s: float = 300.0, kv_wire_format: str = "native") -> None:
+        """`kv_wire_format`: how the KV bytes travel (kv_transfer.wire: native, bfloat16 or int8)."""
+        self.kv_wire_format = check_wire_format(kv_wire_format)
         self.address = address
         self.secret = secret
         self.tls = tls
@@ -55,7 +64,7 @@ class GrpcSender(KVSender):
         return ((SECRET_HEADER, self.secret),) if self.secret else ()
 
     def send(self, handoff: KVHandoff, sink: EventSink) -> None:
-        header, data = encode_handoff(handoff)  # CPU work stays on the caller's thread
+        header, data = encode_handoff(handoff, self.kv_wire_format)  # CPU work stays on the caller's thread
         timeout = self.timeout_s if handoff.deadline_s is None else max(handoff.deadline_s - time.time(), 0.1)
         asyncio.run_coroutine_threadsafe(self._run(handoff.request_id, header, data, timeout, sink), self._loop)
 
@@ -104,6 +113,9 @@ class GrpcSender(KVSender):
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             return False
         return True
+
+    def wire_bytes(self, handoff: KVHandoff) -> int:
+        return kv_wire_num_bytes(handoff.layout, wire_encoding(handoff.kv.dtype, self.kv_wire_format))
 
     def abort(self, request_id: str) -> None:
         def cancel() -> None:

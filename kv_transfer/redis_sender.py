@@ -31,7 +31,7 @@ from kv_transfer.handoff import KVHandoff
 from kv_transfer.outcome import ErrorKind
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.redis_keys import GROUP, RedisKeys, StreamEntry, StreamReply
-from kv_transfer.wire import encode_handoff, event_from_proto
+from kv_transfer.wire import check_wire_format, encode_handoff, event_from_proto, kv_wire_num_bytes, wire_encoding
 
 log = logging.getLogger(__name__)
 BLOCK_MS = 1000
@@ -74,9 +74,12 @@ class RedisSender(KVSender):
     transport_name = "redis"
 
     def __init__(self, url: str, prefix: str = "prad:", kv_ttl_s: float = 600.0, timeout_s: float = 300.0,
-                 claim_idle_s: float = 5.0, replica_lost_s: float | None = None) -> None:
+                 claim_idle_s: float = 5.0, replica_lost_s: float | None = None,
+                 kv_wire_format: str = "native") -> None:
         """`replica_lost_s`: a followed request fails when decode has shown no life for it this long
-        (default claim_idle_s + LOST_MARGIN_S; it must exceed claim_idle_s, after which takeovers start)."""
+        (default claim_idle_s + LOST_MARGIN_S; it must exceed claim_idle_s, after which takeovers start).
+        `kv_wire_format`: how the KV bytes travel (kv_transfer.wire: native, bfloat16 or int8)."""
+        self.kv_wire_format = check_wire_format(kv_wire_format)
         self.replica_lost_s = claim_idle_s + LOST_MARGIN_S if replica_lost_s is None else replica_lost_s
         if self.replica_lost_s <= claim_idle_s:
             raise ValueError(f"replica_lost_s ({self.replica_lost_s}) must exceed claim_idle_s ({claim_idle_s}): "
@@ -103,7 +106,7 @@ class RedisSender(KVSender):
         """Store the KV and queue the job; raises NoDecodeReplicaError or redis errors (both: unavailable)."""
         if not self._replica_alive():
             raise NoDecodeReplicaError("no decode replica is alive on Redis")
-        header, data = encode_handoff(handoff)
+        header, data = encode_handoff(handoff, self.kv_wire_format)
         rid = handoff.request_id
         deadline = handoff.deadline_s or time.time() + self.timeout_s
         follow = _Follow(DedupSink(sink), "0", deadline)
@@ -123,6 +126,9 @@ class RedisSender(KVSender):
             with self._lock:
                 self._follows.pop(rid, None)
             raise
+
+    def wire_bytes(self, handoff: KVHandoff) -> int:
+        return kv_wire_num_bytes(handoff.layout, wire_encoding(handoff.kv.dtype, self.kv_wire_format))
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -157,12 +157,12 @@ def make_sender(settings: ServeSettings) -> KVSender:
         from kv_transfer.grpc_client import GrpcSender
 
         return GrpcSender(settings.decode_addr, settings.grpc_secret, _tls(settings, "client"),
-                          settings.request_timeout_s)
+                          settings.request_timeout_s, settings.kv_wire_format)
     if settings.transport == "redis":
         from kv_transfer.redis_sender import RedisSender
 
         return RedisSender(settings.redis_url, settings.redis_prefix, settings.kv_ttl_s, settings.request_timeout_s,
-                           settings.claim_idle_s, settings.replica_lost_s)
+                           settings.claim_idle_s, settings.replica_lost_s, settings.kv_wire_format)
     raise ValueError(f"role {settings.role!r} needs --transport grpc or redis (inproc links only role=all)")
 
 

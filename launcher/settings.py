@@ -28,6 +28,13 @@ class ServeSettings(BaseSettings):
     grpc_tls_key: str | None = Field(default=None, description="decode role: TLS private key file (with cert)")
     grpc_tls_ca: str | None = Field(default=None, description="prefill role: CA file that signed decode's "
                                     "certificate (enables TLS)")
+    kv_wire_format: Literal["native", "bfloat16", "int8"] = Field(default="native", description="prefill side: "
+                                                                  "how KV travels to decode over grpc or redis: "
+                                                                  "native (the model's dtype, lossless), bfloat16 "
+                                                                  "(lossy, half of fp32) or int8 (lossy, per-head "
+                                                                  "per-token scales, ~3.8x smaller than fp32); "
+                                                                  "decode rebuilds the model's dtype either way; "
+                                                                  "inproc hands tensors over and ignores it")
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="redis:// or rediss:// (password in URL)")
     redis_prefix: str = Field(default="prad:", description="key prefix shared by one deployment")
     kv_ttl_s: float = Field(default=600.0, gt=0, description="Redis: KV blobs expire after this")

@@ -204,7 +204,7 @@ class PrefillEngine(EngineLoop[PrefillBatch[PrefillRequest], PrefillBatch[Prefil
                                               len(request.prompt_token_ids)))
         else:
             m.kv_transfer_s.labels(transport).observe(time.monotonic() - sent_s)
-            m.kv_transfer_bytes.labels(transport).inc(out.kv.numel() * out.kv.element_size())
+            m.kv_transfer_bytes.labels(transport).inc(self.sender.wire_bytes(handoff))
 
     def _fail(self, request: PrefillRequest, kind: ErrorKind, message: str) -> None:
         log.error("request %s failed: %s", request.request_id, message)

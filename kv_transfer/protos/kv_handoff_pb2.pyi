@@ -39,7 +39,7 @@ class KVLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., length: _Optional[int] = ...) -> None: ...
 
 class HandoffHeader(_message.Message):
-    __slots__ = ("format_version", "request_id", "task", "adapter_version", "model_fingerprint", "prompt_token_ids", "first_token_id", "sampling", "deadline_s", "layout", "checksum", "num_kv_bytes")
+    __slots__ = ("format_version", "request_id", "task", "adapter_version", "model_fingerprint", "prompt_token_ids", "first_token_id", "sampling", "deadline_s", "layout", "checksum", "num_kv_bytes", "kv_encoding")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class HandoffHeader(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_ENCODING_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     request_id: str
     task: str
@@ -64,7 +65,8 @@ class HandoffHeader(_message.Message):
     layout: KVLayout
     checksum: int
     num_kv_bytes: int
-    def __init__(self, format_version: _Optional[int] = ..., request_id: _Optional[str] = ..., task: _Optional[str] = ..., adapter_version: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., deadline_s: _Optional[float] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., checksum: _Optional[int] = ..., num_kv_bytes: _Optional[int] = ...) -> None: ...
+    kv_encoding: str
+    def __init__(self, format_version: _Optional[int] = ..., request_id: _Optional[str] = ..., task: _Optional[str] = ..., adapter_version: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., deadline_s: _Optional[float] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., checksum: _Optional[int] = ..., num_kv_bytes: _Optional[int] = ..., kv_encoding: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("data",)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -57,8 +58,8 @@ def _corrupting(monkeypatch) -> None:
     import kv_transfer.redis_sender as rsender
     from kv_transfer.wire import encode_handoff
 
-    def corrupt(handoff: KVHandoff) -> tuple[bytes, bytes]:
-        header, data = encode_handoff(handoff)
+    def corrupt(handoff: KVHandoff, kv_wire_format: str = "native") -> tuple[bytes, bytes]:
+        header, data = encode_handoff(handoff, kv_wire_format)
         flipped = bytearray(data)
         flipped[len(flipped) // 2] ^= 0xFF
         return header, bytes(flipped)
@@ -196,6 +197,45 @@ def test_wire_roundtrip_fp32_and_bf16() -> None:
         assert back.deadline_s == 123.0 and back.first_token_id == 9
 
 
+def test_lossy_wire_formats_decode_over_grpc_and_redis_and_native_stays_exact(
+        grpc_sender: GrpcSender, engine: DecodeEngine, smollm2, tmp_path, monkeypatch) -> None:
+    """Each sender's kv_wire_format is what travels (a spy on the encoder); decode rebuilds fp32 KV and
+    answers; native tokens equal the in-process handoff's (lossy ones: the bench measures agreement)."""
+    import kv_transfer.wire as wire
+    from kv_transfer.inproc import InprocSender
+    from kv_transfer.redis_sender import RedisSender
+    from kv_transfer.redis_worker import RedisDecodeWorker
+
+    sent: list[str] = []
+    encode = wire.encode_kv
+    monkeypatch.setattr(wire, "encode_kv", lambda kv, encoding="": sent.append(encoding) or encode(kv, encoding))
+    expected = _tokens(_collect(InprocSender(engine).send, _handoff(smollm2, "wf-inproc")))
+    with running_redis(tmp_path / "redis") as rs:
+        worker = RedisDecodeWorker(engine, rs.url, "w:", "replica-w", claim_idle_s=2, limits=_limits(engine))
+        worker.start()
+        senders: dict[tuple[str, str], GrpcSender | RedisSender] = {}
+        try:
+            for fmt in wire.KV_WIRE_FORMATS:
+                senders["grpc", fmt] = GrpcSender(grpc_sender.address, timeout_s=30, kv_wire_format=fmt)
+                senders["redis", fmt] = RedisSender(rs.url, "w:", kv_wire_format=fmt)
+            assert _wait_ready(senders["redis", "native"])
+            for (transport, fmt), sender in senders.items():
+                sent.clear()
+                events = _collect(sender.send, _handoff(smollm2, f"wf-{transport}-{fmt}"))
+                assert sent == ["" if fmt == "native" else fmt], (transport, fmt)
+                assert events[-1].finish_reason == "length" and len(_tokens(events)) == 4, (transport, fmt, events)
+                assert _tokens(events)[0] == expected[0]  # sampled at prefill, before any transfer
+                if fmt == "native":
+                    assert _tokens(events) == expected, transport
+        finally:
+            closing = [threading.Thread(target=sender.close) for sender in senders.values()]  # ~1 s each
+            for thread in closing:
+                thread.start()
+            for thread in closing:
+                thread.join()
+            worker.stop()
+
+
 def _limits(engine: DecodeEngine) -> KVLimits:
     return KVLimits(engine.expected_layout, engine.config.max_seq_len)
 
@@ -271,8 +311,8 @@ def test_redis_header_over_limits_or_blob_size_mismatch_refused_before_get(engin
             final = _collect(sender.send, _oversized(smollm2, "r-long"))[-1]
             assert final.error_kind is ErrorKind.KV_REJECTED and "max_seq_len is 128" in (final.error or ""), final
 
-            def padded(handoff: KVHandoff) -> tuple[bytes, bytes]:
-                header, data = encode_handoff(handoff)
+            def padded(handoff: KVHandoff, kv_wire_format: str = "native") -> tuple[bytes, bytes]:
+                header, data = encode_handoff(handoff, kv_wire_format)
                 return header, data + b"\0" * 4096
 
             monkeypatch.setattr(rsender, "encode_handoff", padded)
