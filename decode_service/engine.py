@@ -36,7 +36,7 @@ class DecodeConfig:
     max_batch_size: int = 32  # rows decoded together
     max_seq_len: int = 2048  # prompt + output positions per request
     max_kv_tokens: int = 32 * 2048  # sum of reserved positions over running requests
-    max_waiting: int = 256  # handoffs queued for a row; beyond that, 429
+    max_waiting: int = 256  # handoffs queued for a row; beyond that, refused (queue_full)
     # auto: static step + CUDA graphs on CUDA, CPU backend on CPU; off: no graphs (eager reference step on
     # CUDA); static: static step without graphs on any device (decode_service/runner.choose_step_backend)
     decode_graphs: str = "auto"

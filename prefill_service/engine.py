@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class PrefillConfig:
     max_prefill_tokens: int = 2048  # prompt tokens per forward pass (longer prompts are chunked)
     max_batch_size: int = 64  # prompts per forward pass
-    max_waiting: int = 256  # queued requests; beyond that, 429
+    max_waiting: int = 256  # queued requests; beyond that, refused (queue_full)
     prefix_cache_bytes: int = 0  # prompt KV kept for reuse by later prompts with the same prefix (0 = off)
     prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS  # prefix cache granularity
 
