@@ -69,13 +69,24 @@ class AdminService:
         self.metrics = metrics
 
     def describe(self, task: str) -> dict[str, Any]:
-        """One task: its versions, active version and traffic split, and on this node the requests each
-        version served (how they ended) and the versions that could not be loaded here."""
+        """One task: its versions, active version and traffic split in the store, and on this node the
+        routing it applies now (it follows the store within a poll interval), the requests each version
+        served (how they ended) and the versions that could not be loaded here."""
         versions = self.store.versions(task)  # UnknownTaskError for an unknown task
         return {"task": task, "active_version": self.store.active_version(task), "split": self.store.split(task),
-                "versions": [_version_row(v) for v in versions],
+                "versions": [_version_row(v) for v in versions], "routing_here": self._routing_here(task),
                 "served_here": self.metrics.version_counts(task) if self.metrics else {},
                 "unloadable_here": self.cache.broken_versions(task) if self.cache else {}}
+
+    def _routing_here(self, task: str) -> dict[str, Any] | None:
+        """The active version and split this node routes by (its in-memory view), None if it has none."""
+        if self.cache is None:
+            return None
+        try:
+            routing = self.cache.routing(task)
+        except UnknownTaskError:
+            return None
+        return {"active_version": routing.active, "split": dict(routing.split) or None}
 
     def upload(self, task: str, config_bytes: bytes, weight_bytes: bytes) -> str:
         validate_task_id(task)

@@ -66,8 +66,12 @@ def nodes(smollm2, tmp_path_factory, versions: dict[str, Path]):
                                      store=store, adapter_poll_s=0.2, max_batch_size=16)
             app = build_app(settings, smollm2)
             urls.append(stack.enter_context(running_server(app)))
-        app.state.store.put(TASK, *_files(versions["new"]))
-        app.state.store.put(TASK, *_files(versions["foreign"]))  # bypasses the upload's checks on purpose
+        store = app.state.store
+        store.activate(TASK, store.put(TASK, *_files(versions["old"])))  # whatever the seed made, "old" serves
+        store.put(TASK, *_files(versions["new"]))
+        store.put(TASK, *_files(versions["foreign"]))  # bypasses the upload's checks on purpose
+        for url in urls:
+            _wait_routing(url, None, active=_version_of(versions["old"]))
         yield urls
 
 
@@ -87,19 +91,24 @@ def _generate(client: httpx.Client, url: str, key: str | None = None, **body) ->
                        headers=headers, timeout=120)
 
 
-def _wait_split(url: str, weights: dict[str, int] | None, timeout_s: float = 10.0) -> None:
+def _wait_routing(url: str, weights: dict[str, int] | None, active: str | None = None,
+                  timeout_s: float = 10.0) -> None:
+    """Until the node at `url` routes by `weights` (and `active`): its view follows the store by
+    notification or poll."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        if httpx.get(f"{url}/admin/adapters/{TASK}", headers=AUTH).json()["split"] == weights:
+        here = httpx.get(f"{url}/admin/adapters/{TASK}", headers=AUTH).json()["routing_here"]
+        if here["split"] == weights and active in (None, here["active_version"]):
             return
-        time.sleep(0.1)
-    raise AssertionError(f"{url} never showed split {weights}")
+        time.sleep(0.05)
+    raise AssertionError(f"{url} never routed by split {weights} (active {active})")
 
 
 def test_keyed_requests_stick_to_one_version_on_every_node(nodes, versions, expected) -> None:
     old, new = _version_of(versions["old"]), _version_of(versions["new"])
     assert _split(nodes[0], {old: 50, new: 50}).status_code == 200
-    time.sleep(1.0)  # the other node's pointers refresh (notification or poll)
+    for url in nodes:
+        _wait_routing(url, {old: 50, new: 50})
     seen: dict[str, set[str]] = {}
     with httpx.Client() as client:
         for i in range(12):
@@ -131,10 +140,12 @@ def test_a_ramp_and_an_abort_under_load_lose_nothing(nodes, versions, expected) 
     with ThreadPoolExecutor(3) as pool:
         for w in range(3):
             pool.submit(load, w)
-        for weights in ({old: 90, new: 10}, {old: 50, new: 50}, None):  # ramp, then abort the canary
-            assert _split(nodes[0], weights).status_code == 200
-            time.sleep(1.5)
-        stop.set()
+        try:
+            for weights in ({old: 90, new: 10}, {old: 50, new: 50}, None):  # ramp, then abort the canary
+                assert _split(nodes[0], weights).status_code == 200
+                time.sleep(1.5)
+        finally:
+            stop.set()  # the load threads end even when an assertion fails
     assert len(results) > 10
     for status, body in results:
         assert status == 200, body
@@ -148,7 +159,7 @@ def test_activating_a_version_ends_the_split_atomically(nodes, versions) -> None
     assert _split(nodes[0], {old: 10, new: 90}).status_code == 200
     r = httpx.post(f"{nodes[0]}/admin/adapters/{TASK}/activate", json={"version": new}, headers=AUTH)
     assert r.status_code == 200, r.text
-    _wait_split(nodes[1], None)
+    _wait_routing(nodes[1], None, active=new)
     with httpx.Client() as client:
         assert {_generate(client, nodes[1], f"k{i}").json()["adapter_version"] for i in range(4)} == {new}
     assert httpx.post(f"{nodes[0]}/admin/adapters/{TASK}/activate", json={"version": old},
