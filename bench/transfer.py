@@ -23,6 +23,10 @@ the KV wire format sends (kv_transfer.wire, computed from the layout); "effectiv
 receive, verify, decode, copy into the slot cache). Next to it, measured in the same run: raw loopback
 TCP throughput (one socket, 1 MiB writes) and, for Redis, one SET + GET of a KV-sized blob.
 
+`--kv-stream both` (the default) runs two prefill processes per link and format: one sending the KV
+layer by layer while its last pass computes (handoff format version 4, the server's default; target: at
+2048 tokens TTFT within 2 % of inproc), one sending it whole after the pass (labelled `/whole`).
+
 `--kv-wire-formats native,bfloat16,int8` (default native) runs one prefill process per format on each
 of the gRPC and Redis links, all sharing that link's decode process (the format is a prefill-side
 setting; decode reads it from each handoff's header); inproc never encodes, so it runs once.
@@ -74,6 +78,7 @@ TRANSPORTS = ("inproc", "grpc", "redis")
 TASK = "bench-pa"
 TARGET_LENGTH = 512
 TARGET_OVERHEAD = {"grpc": 0.10, "redis": 0.20}
+STREAM_TARGET_LENGTH, STREAM_TARGET_OVERHEAD = 2048, 0.02  # streamed handoffs, either link
 BYTES_METRIC = "prad:kv_transfer_bytes_total"
 
 
@@ -86,6 +91,7 @@ class Stack:
     processes: list[ServeProcess] = field(default_factory=list)
     redis_url: str | None = None
     kv_wire_format: str = "native"
+    kv_stream: bool = True  # layer by layer during the last pass (version 4), or whole after it
 
     @property
     def url(self) -> str:
@@ -93,8 +99,10 @@ class Stack:
 
     @property
     def label(self) -> str:
-        """"grpc", or "grpc/int8" for a lossy wire format."""
-        return self.transport if self.kv_wire_format == "native" else f"{self.transport}/{self.kv_wire_format}"
+        """"grpc", "grpc/int8" for a lossy wire format, "grpc/whole" with streaming off."""
+        parts = [self.transport] + ([] if self.kv_wire_format == "native" else [self.kv_wire_format]) + \
+            ([] if self.kv_stream or self.transport == "inproc" else ["whole"])
+        return "/".join(parts)
 
 
 @dataclass
@@ -118,6 +126,7 @@ class Row:
     ttft_overhead: float | None = None  # transport TTFT / inproc TTFT - 1
     e2e_overhead: float | None = None
     effective_mb_per_s: float | None = None
+    kv_stream: bool | None = None  # streamed layer by layer (None: inproc, which hands tensors over)
 
 
 def write_task_adapter(root: Path, loaded: LoadedModel, rank: int, seed: int) -> None:
@@ -154,10 +163,12 @@ def start_stacks(transports: list[str], args: argparse.Namespace, work_dir: Path
             link = ["--transport", "redis", "--redis-url", redis_url]
             decode = start(["--role", "decode", *link, *common], "redis-decode")
         for fmt in args.kv_wire_formats:
-            suffix = "" if fmt == "native" else f"-{fmt}"
-            prefill = start(["--role", "prefill", *link, "--kv-wire-format", fmt, *front],
-                            f"{transport}-prefill{suffix}")
-            stacks.append(Stack(transport, [decode, prefill], redis_url, fmt))
+            for streamed in args.kv_stream:
+                suffix = ("" if fmt == "native" else f"-{fmt}") + ("" if streamed else "-whole")
+                prefill = start(["--role", "prefill", *link, "--kv-wire-format", fmt,
+                                 "--kv-stream" if streamed else "--no-kv-stream", *front],
+                                f"{transport}-prefill{suffix}")
+                stacks.append(Stack(transport, [decode, prefill], redis_url, fmt, streamed))
     return stacks
 
 
@@ -258,7 +269,8 @@ def summarise(samples: dict[str, list[Sample]], prompt_len: int, stacks: list[St
         rows.append(Row(s.transport, prompt_len, len(got), 1000 * median([x.ttft_s for x in got]),
                         1000 * median([x.e2e_s for x in got]), [round(1000 * x.ttft_s, 2) for x in got],
                         kv / prompt_len if kv > 0 else None, s.kv_wire_format,
-                        None if s.transport == "inproc" else wire_bytes[s.kv_wire_format]))
+                        None if s.transport == "inproc" else wire_bytes[s.kv_wire_format],
+                        kv_stream=None if s.transport == "inproc" else s.kv_stream))
     base = next((r for r in rows if r.transport == "inproc"), None)
     for r in rows:
         if base is None or r is base:
@@ -422,9 +434,10 @@ def print_report(rows: list[Row], references: dict[str, float], handoffs: list[H
     def opt(v: float | None, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
         return "-" if v is None else fmt.format(v * scale)
 
-    headers = ["transport", "wire format", "prompt", "TTFT ms", "vs inproc", "e2e ms", "vs inproc", "KV B/token",
-               "wire B/token", "eff. MB/s"]
-    table = [[r.transport, "-" if r.transport == "inproc" else r.kv_wire_format, r.prompt_len, r.ttft_ms,
+    headers = ["transport", "wire format", "KV sent", "prompt", "TTFT ms", "vs inproc", "e2e ms", "vs inproc",
+               "KV B/token", "wire B/token", "eff. MB/s"]
+    table = [[r.transport, "-" if r.transport == "inproc" else r.kv_wire_format,
+              "-" if r.kv_stream is None else "by layer" if r.kv_stream else "whole", r.prompt_len, r.ttft_ms,
               opt(r.ttft_overhead, 100, "{:+.1f}%"), r.e2e_ms, opt(r.e2e_overhead, 100, "{:+.1f}%"),
               opt(r.kv_bytes_per_token, 1, "{:,.0f}"), opt(r.wire_bytes_per_token, 1, "{:,.0f}"),
               opt(r.effective_mb_per_s, 1, "{:,.0f}")] for r in rows]
@@ -443,14 +456,20 @@ def print_report(rows: list[Row], references: dict[str, float], handoffs: list[H
             verdict = "met" if r.ttft_overhead <= limit else "MISSED"
             print(f"target {transport} TTFT overhead at {TARGET_LENGTH} tokens <= {limit:.0%}: "
                   f"{r.ttft_overhead:+.1%} ({verdict})")
+        r = next((r for r in rows if r.transport == transport and r.kv_wire_format == "native" and r.kv_stream
+                  and r.prompt_len == STREAM_TARGET_LENGTH), None)
+        if r is not None and r.ttft_overhead is not None:
+            verdict = "met" if r.ttft_overhead <= STREAM_TARGET_OVERHEAD else "MISSED"
+            print(f"target {transport} streamed TTFT overhead at {STREAM_TARGET_LENGTH} tokens <= "
+                  f"{STREAM_TARGET_OVERHEAD:.0%}: {r.ttft_overhead:+.1%} ({verdict})")
 
 
 def plot(rows: list[Row], path: Path) -> None:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
-    for key in dict.fromkeys((r.transport, r.kv_wire_format) for r in rows):
-        rs = [r for r in rows if (r.transport, r.kv_wire_format) == key]
-        label = key[0] if key[1] == "native" else "/".join(key)
+    for key in dict.fromkeys((r.transport, r.kv_wire_format, r.kv_stream) for r in rows):
+        rs = [r for r in rows if (r.transport, r.kv_wire_format, r.kv_stream) == key]
+        label = "/".join([key[0]] + ([] if key[1] == "native" else [key[1]]) + (["whole"] if key[2] is False else []))
         left.plot([r.prompt_len for r in rs], [r.ttft_ms for r in rs], marker="o", label=label)
         if key[0] != "inproc":
             right.plot([r.prompt_len for r in rs], [100 * (r.ttft_overhead or 0) for r in rs], marker="o",
@@ -458,6 +477,9 @@ def plot(rows: list[Row], path: Path) -> None:
     for transport, limit in TARGET_OVERHEAD.items():
         right.axhline(100 * limit, linestyle=":", color="grey")
         right.annotate(f"{transport} target", (TARGET_LENGTH, 100 * limit), fontsize=8, va="bottom")
+    right.axhline(100 * STREAM_TARGET_OVERHEAD, linestyle="--", color="grey")
+    right.annotate(f"streamed target at {STREAM_TARGET_LENGTH}", (TARGET_LENGTH, 100 * STREAM_TARGET_OVERHEAD),
+                   fontsize=8, va="bottom")
     left.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="TTFT ms (median)",
              title="time to first token")
     right.set(xscale="log", xlabel="prompt tokens", ylabel="TTFT overhead vs inproc, %",
@@ -479,6 +501,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-wire-formats", type=lambda t: t.split(","), default=["native"],
                         help="KV wire formats of the gRPC and Redis prefill processes, one process each "
                              f"(from {', '.join(KV_WIRE_FORMATS)}; default native)")
+    parser.add_argument("--kv-stream", choices=("on", "off", "both"), default="both",
+                        help="gRPC and Redis prefill processes send KV layer by layer during the pass (on), "
+                             "whole after it (off), or one process each (both, the default)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads of each server process (default: every core)")
     parser.add_argument("--handoff-repeats", type=int, default=5,
@@ -495,6 +520,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not args.kv_wire_formats:
         parser.error(f"--kv-wire-formats: unknown {unknown}; choose from {', '.join(KV_WIRE_FORMATS)}")
     args.kv_wire_formats = sorted(set(args.kv_wire_formats), key=KV_WIRE_FORMATS.index)
+    args.kv_stream = {"on": [True], "off": [False], "both": [True, False]}[args.kv_stream]
     return args
 
 

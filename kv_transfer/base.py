@@ -80,6 +80,33 @@ class DedupSink:
         self.sink(event)
 
 
+class KVStream(abc.ABC):
+    """One handoff sent while prefill computes it: opened when the request's last pass starts,
+    told as each layer of `handoff.kv` is filled, finished with the first token.
+
+    Calls come from the prefill engine's thread in order: `layer_ready` for layers 0, 1, ... (each
+    must return at once: the engine is between two layers of a forward pass), then exactly one of
+    `finish` and `cancel`. Decode admits nothing before `finish`.
+    """
+
+    def __init__(self, handoff: KVHandoff, sink: EventSink) -> None:
+        self.handoff = handoff  # its kv fills layer by layer; first_token_id is set by finish()
+        self.sink = sink
+
+    @abc.abstractmethod
+    def layer_ready(self, layer: int) -> None:
+        """handoff.kv[layer] holds its final values (and will not change)."""
+
+    @abc.abstractmethod
+    def finish(self, first_token_id: int) -> None:
+        """Every layer is ready and output token 0 is sampled: complete the handoff. Raises as
+        KVSender.send does when decode refuses it or cannot be reached."""
+
+    @abc.abstractmethod
+    def cancel(self, reason: str) -> None:
+        """Prefill will not complete this handoff (its pass failed): decode drops what it received."""
+
+
 class KVSender(abc.ABC):
     """Prefill side of a transport."""
 
@@ -92,6 +119,11 @@ class KVSender(abc.ABC):
     @abc.abstractmethod
     def abort(self, request_id: str) -> None:
         """The client went away: decode frees the request's slot at its next step."""
+
+    def open_stream(self, handoff: KVHandoff, sink: EventSink) -> KVStream | None:
+        """A stream that sends `handoff` layer by layer as prefill computes it (see KVStream), or None when
+        this transport hands the KV over whole, after the pass (then `send` is called)."""
+        return None
 
     def is_ready(self) -> tuple[bool, str]:
         """Whether the decode side is reachable, with a reason when not."""

@@ -1,5 +1,8 @@
 """gRPC receiver on the decode side: one bidirectional stream per request, KV chunks in, tokens out.
 
+A version-4 (streamed) handoff's KV arrives while prefill is still computing it; the request is admitted
+only once its trailer has arrived and the CRC-32C of everything received matches the trailer's.
+
 The servicer only converts protobuf <-> dataclasses and delegates to a DecodeBackend. A client that
 cancels (or whose deadline passes) cancels the handler, which aborts the request in decode. The KV a
 header announces is checked against decode's own limits before a byte of it is read: memory per call
@@ -23,7 +26,16 @@ from kv_transfer.handoff import HandoffError
 from kv_transfer.outcome import EngineUnavailableError, QueueFullError
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.protos import kv_handoff_pb2_grpc as pb_grpc
-from kv_transfer.wire import KVLimits, check_header, event_to_proto, handoff_from_proto, kv_checksum, parse_header
+from kv_transfer.wire import (
+    STREAMED_FORMAT_VERSION,
+    KVLimits,
+    apply_trailer,
+    check_header,
+    event_to_proto,
+    handoff_from_proto,
+    kv_checksum,
+    parse_header,
+)
 
 log = logging.getLogger(__name__)
 SECRET_HEADER = "x-prad-secret"
@@ -152,6 +164,17 @@ async def _read_handoff(requests: AsyncIterator[pb.DecodeRequest], limits: KVLim
         data += piece
     if len(data) != header.num_kv_bytes:
         raise HandoffError(f"received {len(data)} KV bytes, header announced {header.num_kv_bytes}")
+    if header.format_version == STREAMED_FORMAT_VERSION:  # the first token and checksum come last
+        try:
+            msg = await requests.__anext__()
+        except StopAsyncIteration:
+            raise HandoffError("stream ended after the KV, before its trailer") from None
+        kind = msg.WhichOneof("kind")
+        if kind == "cancel":
+            return None, data, 0
+        if kind != "trailer":
+            raise HandoffError(f"expected the handoff trailer after the KV, got {kind!r}")
+        header = apply_trailer(header, msg.trailer)
     return header, data, crc
 
 

@@ -29,6 +29,10 @@ class RedisKeys:
         """The KV blob of one request (TTL'd)."""
         return f"{self.prefix}kv:{request_id}"
 
+    def kv_layers(self, request_id: str) -> str:
+        """Stream of one request's KV sent layer by layer (format version 4): `kv` entries, then a `trailer`."""
+        return f"{self.prefix}kvl:{request_id}"
+
     def tokens(self, request_id: str) -> str:
         """Stream of token events back to the prefill node that owns the request."""
         return f"{self.prefix}tokens:{request_id}"

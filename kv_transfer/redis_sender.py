@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -25,13 +26,23 @@ from dataclasses import dataclass
 from typing import cast
 
 import redis
+from redis.typing import EncodableT, FieldT
 
-from kv_transfer.base import DedupSink, EventSink, KVSender, TokenEvent
+from kv_transfer.base import DedupSink, EventSink, KVSender, KVStream, TokenEvent
 from kv_transfer.handoff import KVHandoff
 from kv_transfer.outcome import ErrorKind
 from kv_transfer.protos import kv_handoff_pb2 as pb
 from kv_transfer.redis_keys import GROUP, RedisKeys, StreamEntry, StreamReply
-from kv_transfer.wire import check_wire_format, encode_handoff, event_from_proto, kv_wire_num_bytes, wire_encoding
+from kv_transfer.wire import (
+    check_wire_format,
+    encode_handoff,
+    encode_layer,
+    event_from_proto,
+    header_to_proto,
+    kv_checksum,
+    kv_wire_num_bytes,
+    wire_encoding,
+)
 
 log = logging.getLogger(__name__)
 BLOCK_MS = 1000
@@ -101,12 +112,30 @@ class RedisSender(KVSender):
         self._next_check_s = 0.0
         self._thread = threading.Thread(target=self._read_loop, name="redis-tokens", daemon=True)
         self._thread.start()
+        # streamed handoffs' writes: (stream, layer index | trailer | None = cancel); None stops the thread
+        self._outbox: queue.Queue[tuple[_RedisKVStream, int | pb.HandoffTrailer | None] | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_layers, name="redis-kv-out", daemon=True)
+        self._writer.start()
 
     def send(self, handoff: KVHandoff, sink: EventSink) -> None:
         """Store the KV and queue the job; raises NoDecodeReplicaError or redis errors (both: unavailable)."""
         if not self._replica_alive():
             raise NoDecodeReplicaError("no decode replica is alive on Redis")
         header, data = encode_handoff(handoff, self.kv_wire_format)
+        self._queue_job(handoff, header, sink, data)
+
+    def open_stream(self, handoff: KVHandoff, sink: EventSink) -> KVStream:
+        """Queue the job now (decode starts reading the KV as it comes); its layers and trailer follow on
+        the request's kv_layers stream, written by this sender's writer thread."""
+        if not self._replica_alive():
+            raise NoDecodeReplicaError("no decode replica is alive on Redis")
+        encoding = wire_encoding(handoff.kv.dtype, self.kv_wire_format)
+        header = header_to_proto(handoff, kv_wire_num_bytes(handoff.layout, encoding), 0, encoding, streamed=True)
+        self._queue_job(handoff, header.SerializeToString(), sink)
+        return _RedisKVStream(handoff, sink, self, encoding)
+
+    def _queue_job(self, handoff: KVHandoff, header: bytes, sink: EventSink, data: bytes | None = None) -> None:
+        """Open the token stream, store the KV (`data`; None when it is streamed) and queue the job."""
         rid = handoff.request_id
         deadline = handoff.deadline_s or time.time() + self.timeout_s
         follow = _Follow(DedupSink(sink), "0", deadline)
@@ -118,14 +147,27 @@ class RedisSender(KVSender):
             # (NOMKSTREAM): once this side deletes it, a late or duplicate replica cannot recreate it.
             pipe.xadd(self.keys.tokens(rid), {"open": b"1"})
             pipe.pexpire(self.keys.tokens(rid), self.kv_ttl_ms)
-            pipe.set(self.keys.kv(rid), data, px=self.kv_ttl_ms)
+            if data is not None:
+                pipe.set(self.keys.kv(rid), data, px=self.kv_ttl_ms)
             pipe.xadd(self.keys.jobs, {"header": header}, maxlen=MAX_JOBS, approximate=True)
             pipe.xadd(self.keys.wake(self.sender_id), {"r": rid}, maxlen=10, approximate=True)
-            follow.job_id = pipe.execute()[3].decode()
+            follow.job_id = pipe.execute()[-2].decode()
         except redis.RedisError:
             with self._lock:
                 self._follows.pop(rid, None)
             raise
+
+    def _write_layers(self) -> None:
+        """The writer thread: streamed handoffs' layers, trailers and cancellations, in the order given."""
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            stream, what = item
+            try:
+                stream.write(what)
+            except Exception as e:  # Redis gone, or encoding failed: this request fails, the thread goes on
+                stream.fail(e)
 
     def wire_bytes(self, handoff: KVHandoff) -> int:
         return kv_wire_num_bytes(handoff.layout, wire_encoding(handoff.kv.dtype, self.kv_wire_format))
@@ -146,6 +188,8 @@ class RedisSender(KVSender):
         return True, "ok"
 
     def close(self) -> None:
+        self._outbox.put(None)
+        self._writer.join(timeout=10)
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
@@ -170,7 +214,7 @@ class RedisSender(KVSender):
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.publish(self.keys.aborts, request_id)
-            pipe.delete(self.keys.tokens(request_id), self.keys.kv(request_id))
+            pipe.delete(self.keys.tokens(request_id), self.keys.kv(request_id), self.keys.kv_layers(request_id))
             if job_id:
                 pipe.xack(self.keys.jobs, GROUP, job_id)
                 pipe.xdel(self.keys.jobs, job_id)
@@ -307,3 +351,59 @@ class RedisSender(KVSender):
                 self._orphans[rid] = follow.job_id
         for rid, follow in follows.items():
             follow.sink(TokenEvent.failure(rid, ErrorKind.UNAVAILABLE, message))
+
+
+class _RedisKVStream(KVStream):
+    """A version-4 handoff on Redis: the job is queued when the stream opens; each layer's bytes, then the
+    trailer, are appended to the request's kv_layers stream by the sender's writer thread (encoding and
+    checksumming happen there too, off the engine's thread)."""
+
+    def __init__(self, handoff: KVHandoff, sink: EventSink, sender: RedisSender, encoding: str) -> None:
+        super().__init__(handoff, sink)
+        self.sender = sender
+        self.encoding = encoding
+        self.crc = 0
+        self.is_over = False  # cancelled or failed: later writes are dropped
+
+    def layer_ready(self, layer: int) -> None:
+        self.sender._outbox.put((self, layer))
+
+    def finish(self, first_token_id: int) -> None:
+        self.handoff.first_token_id = first_token_id
+        self.sender._outbox.put((self, pb.HandoffTrailer(first_token_id=first_token_id)))
+
+    def cancel(self, reason: str) -> None:
+        self.sender._outbox.put((self, None))
+
+    def write(self, what: int | pb.HandoffTrailer | None) -> None:
+        """One write of the writer thread (raises redis errors)."""
+        if self.is_over:
+            return
+        rid, keys = self.handoff.request_id, self.sender.keys
+        if what is None:  # cancelled: decode drops the job; prefill retries the request
+            self.is_over = True
+            with self.sender._lock:
+                follow = self.sender._follows.pop(rid, None)
+            self.sender._retire(rid, follow.job_id if follow else "")
+            return
+        entry: dict[FieldT, EncodableT]
+        if isinstance(what, pb.HandoffTrailer):
+            what.checksum = self.crc
+            entry = {"trailer": what.SerializeToString()}
+        else:
+            data = encode_layer(self.handoff.kv[what], self.encoding)
+            self.crc = kv_checksum(data, self.crc)
+            entry = {"kv": data}
+        pipe = self.sender.redis.pipeline(transaction=False)
+        pipe.xadd(keys.kv_layers(rid), entry)
+        pipe.pexpire(keys.kv_layers(rid), self.sender.kv_ttl_ms)
+        pipe.execute()
+
+    def fail(self, e: Exception) -> None:
+        """A write failed: the request ends with an error (once) and its job is retired."""
+        if self.is_over:
+            return
+        self.is_over = True
+        log.warning("streaming the KV of %s failed: %s", self.handoff.request_id, e)
+        kind = ErrorKind.UNAVAILABLE if isinstance(e, redis.RedisError) else ErrorKind.INTERNAL
+        self.sender._give_up([self.handoff.request_id], kind, f"sending the KV over Redis failed: {e}")

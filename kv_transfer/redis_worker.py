@@ -12,6 +12,13 @@ flight once per heartbeat. A request whose events could not be published is give
 here and left pending, so a replica replays it from its KV if the prefill side still follows it.
 A header is checked against decode's limits, and the KV blob's size (STRLEN) against the header,
 before the blob is fetched.
+
+A streamed job (format version 4) is queued when its prefill pass starts; its KV arrives layer by layer
+on the request's kv_layers stream, ending with a trailer. One assembler thread reads every such stream
+at once, checks each entry against the announced size as it comes, and admits the request when the
+trailer's checksum matches; a stream that stops (its prefill died) is refused after STREAM_STALL_S,
+and one whose request was aborted is dropped. Taking over a streamed job replays its stream from the
+start, like a whole one's blob.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import cast
 
 import redis
@@ -28,15 +36,51 @@ import redis
 from kv_transfer.base import DecodeBackend, TokenEvent
 from kv_transfer.handoff import HandoffError
 from kv_transfer.outcome import EngineUnavailableError, QueueFullError
-from kv_transfer.redis_keys import GROUP, RedisKeys, StreamReply
+from kv_transfer.protos import kv_handoff_pb2 as pb
+from kv_transfer.redis_keys import GROUP, RedisKeys, StreamEntry, StreamReply
 from kv_transfer.redis_sender import connect
-from kv_transfer.wire import KVLimits, check_header, event_to_proto, handoff_from_proto, parse_header
+from kv_transfer.wire import (
+    STREAMED_FORMAT_VERSION,
+    KVLimits,
+    apply_trailer,
+    check_header,
+    event_to_proto,
+    handoff_from_proto,
+    kv_checksum,
+    parse_header,
+    parse_trailer,
+)
 
 log = logging.getLogger(__name__)
 BLOCK_MS = 500
+ASSEMBLE_BLOCK_MS = 50  # longest wait before a newly streamed job's stream is read too
+STREAM_STALL_S = 60.0  # a streamed job whose KV stops coming this long is refused (its prefill is gone)
 HEARTBEAT_S = 1.0
 ALIVE_TTL_S = max(3, int(3 * HEARTBEAT_S))  # a replica's alive key outlives a few missed beats
 MAX_TAKEOVER = 64  # abandoned jobs taken over per heartbeat
+
+
+@dataclass
+class _Assembly:
+    """A streamed job whose KV is arriving: the bytes so far and their running CRC-32C."""
+
+    header: pb.HandoffHeader
+    entry_id: bytes  # its entry on the jobs stream
+    progress_s: float  # time.monotonic() of the last entry read
+    last_id: str = "0"  # last kv_layers entry read
+    data: bytearray = field(default_factory=bytearray)
+    crc: int = 0
+
+    def add(self, piece: bytes) -> None:
+        if len(self.data) + len(piece) > self.header.num_kv_bytes:
+            raise HandoffError(f"received more KV bytes than the {self.header.num_kv_bytes} announced")
+        self.crc = kv_checksum(piece, self.crc)
+        self.data += piece
+
+    def complete(self, trailer: pb.HandoffTrailer) -> pb.HandoffHeader:
+        if len(self.data) != self.header.num_kv_bytes:
+            raise HandoffError(f"trailer after {len(self.data)} of {self.header.num_kv_bytes} KV bytes")
+        return apply_trailer(self.header, trailer)
 
 
 class RedisDecodeWorker:
@@ -52,12 +96,15 @@ class RedisDecodeWorker:
         self._aborted: set[str] = set()  # nobody reads their events (client aborted, stream gone, given back)
         self._lock = threading.Lock()
         self._outbox: queue.Queue[tuple[str, TokenEvent] | None] = queue.Queue()
+        self._assembling: dict[str, _Assembly] = {}  # streamed jobs whose KV is still arriving
+        self._assembled = threading.Condition(self._lock)  # notified when a streamed job arrives
         self._stopping = threading.Event()
         self._draining = threading.Event()  # no new jobs; in-flight ones finish and stay claimed
         self._last_error = ""
         self._threads = [threading.Thread(target=self._jobs_loop, name="redis-jobs", daemon=True),
                          threading.Thread(target=self._publish_loop, name="redis-events", daemon=True),
-                         threading.Thread(target=self._aborts_loop, name="redis-aborts", daemon=True)]
+                         threading.Thread(target=self._aborts_loop, name="redis-aborts", daemon=True),
+                         threading.Thread(target=self._assemble_loop, name="redis-kv-in", daemon=True)]
 
     def start(self) -> None:
         for t in self._threads:
@@ -69,6 +116,8 @@ class RedisDecodeWorker:
 
     def stop(self) -> None:
         self._stopping.set()
+        with self._lock:
+            self._assembled.notify_all()
         self._outbox.put(None)
         for t in self._threads:
             t.join(timeout=5)
@@ -125,7 +174,9 @@ class RedisDecodeWorker:
         if self.backend.liveness() is not None:
             return 0
         stats = self.backend.stats()
-        return max(0, min(16, stats["max_waiting"] - stats["num_waiting"]))
+        with self._lock:
+            num_assembling = len(self._assembling)  # each is a handoff about to be submitted
+        return max(0, min(16, stats["max_waiting"] - stats["num_waiting"] - num_assembling))
 
     def _read_jobs(self) -> None:
         room = self._room()
@@ -179,11 +230,21 @@ class RedisDecodeWorker:
         except HandoffError as e:
             self._refuse(rid, e)
             return
+        if header.format_version == STREAMED_FORMAT_VERSION:  # its KV is still coming: the assembler waits
+            with self._lock:
+                self._assembling[rid] = _Assembly(header, entry_id, time.monotonic())
+                self._assembled.notify()
+            return
         data = self._fetch_kv(rid, entry_id, header.num_kv_bytes)
         if data is None:
             return
+        self._admit(header, data)
+
+    def _admit(self, header: pb.HandoffHeader, data: bytes | bytearray, crc: int | None = None) -> None:
+        """Submit a complete handoff to the backend; its refusal becomes the request's final event."""
+        rid = header.request_id
         try:
-            self.backend.submit(handoff_from_proto(header, data), lambda ev: self._outbox.put((rid, ev)))
+            self.backend.submit(handoff_from_proto(header, data, crc), lambda ev: self._outbox.put((rid, ev)))
         except (ValueError, QueueFullError, EngineUnavailableError) as e:  # HandoffError is a ValueError
             self._refuse(rid, e)
         else:
@@ -191,6 +252,67 @@ class RedisDecodeWorker:
                 is_unread = rid in self._aborted
             if is_unread:  # aborted while it was being admitted
                 self.backend.abort(rid)
+
+    # --- streamed handoffs (format version 4) -------------------------------------------------------
+    def _assemble_loop(self) -> None:
+        """Reads the KV of every streamed job at once (one XREAD over their kv_layers streams) and admits
+        each when its trailer arrives; a job whose stream stalls, or nobody reads any more, is dropped."""
+        while not self._stopping.is_set():
+            with self._lock:
+                while not self._assembling and not self._stopping.is_set():
+                    self._assembled.wait(timeout=1.0)
+                streams: dict[str | bytes | memoryview, str | bytes | memoryview | int] = {
+                    self.keys.kv_layers(rid): a.last_id for rid, a in self._assembling.items()}
+            if not streams:
+                continue
+            try:
+                replies = cast(StreamReply | None, self.redis.xread(streams, block=ASSEMBLE_BLOCK_MS, count=64))
+            except redis.RedisError as e:
+                self._note_error(e)
+                continue
+            for key, entries in replies or []:
+                key = key.decode() if isinstance(key, bytes) else key
+                self._take_layers(key.removeprefix(self.keys.kv_layers("")), entries)
+            self._drop_stalled()
+
+    def _take_layers(self, rid: str, entries: list[StreamEntry]) -> None:
+        with self._lock:
+            assembly = self._assembling.get(rid)
+        if assembly is None:
+            return
+        try:
+            for entry_id, fields in entries:
+                assembly.last_id = entry_id.decode()
+                assembly.progress_s = time.monotonic()
+                if b"kv" in fields:
+                    assembly.add(fields[b"kv"])
+                elif b"trailer" in fields:
+                    header = assembly.complete(parse_trailer(fields[b"trailer"]))
+                    with self._lock:
+                        self._assembling.pop(rid, None)
+                    self._admit(header, assembly.data, assembly.crc)
+                    return
+        except HandoffError as e:
+            with self._lock:
+                self._assembling.pop(rid, None)
+            self._refuse(rid, e)
+
+    def _drop_stalled(self) -> None:
+        """Stop assembling jobs nobody reads (aborted) or whose KV stopped coming (their prefill died)."""
+        now = time.monotonic()
+        with self._lock:
+            aborted = [(r, a) for r, a in self._assembling.items() if r in self._aborted]
+            stalled = [(r, a) for r, a in self._assembling.items()
+                       if r not in self._aborted and now - a.progress_s > STREAM_STALL_S]
+            for rid, _ in aborted + stalled:
+                del self._assembling[rid]
+        for rid, assembly in aborted:
+            self._finish_job(assembly.entry_id, rid)
+            with self._lock:
+                self._in_flight.pop(rid, None)
+                self._aborted.discard(rid)
+        for rid, _ in stalled:
+            self._refuse(rid, HandoffError(f"the KV stream stopped for {STREAM_STALL_S:g} s before its trailer"))
 
     def _fetch_kv(self, rid: str, entry_id: bytes, num_kv_bytes: int) -> bytes | None:
         """The job's KV blob once its size matches the header; None when refused or nobody follows the request."""
@@ -302,7 +424,7 @@ class RedisDecodeWorker:
         pipe.xack(self.keys.jobs, GROUP, entry_id)
         pipe.xdel(self.keys.jobs, entry_id)
         if rid is not None:
-            pipe.delete(self.keys.kv(rid))
+            pipe.delete(self.keys.kv(rid), self.keys.kv_layers(rid))
 
     # --- aborts ---------------------------------------------------------------------------------
     def _aborts_loop(self) -> None:

@@ -13,11 +13,19 @@ never sees how the bytes travelled. L, H, T, D = layers, KV heads, tokens, head_
 * "bfloat16" (version 3): the KV cast to bf16, N * 2 bytes (half of fp32; a bf16 model's KV is
   already bf16, so it goes native). Error: bf16 rounding, at most 2**-8 of each value.
 * "int8" (version 3): symmetric int8 with one fp32 scale per (layer, K/V, KV head, token) vector,
-  scale = amax over head_dim / 127 (0 for an all-zero vector, which decodes to zeros). Bytes: the
-  scales first, fp32 [L, 2, H, T] (N / D * 4 bytes, 4-byte aligned at the start of the buffer), then
-  the values, int8 [L, 2, H, T, D] (N bytes): N * (1 + 4 / D) bytes, 3.76x smaller than fp32 at D = 64.
-  Error: at most scale / 2 per element. Per-token scales keep a position's outliers from costing
-  the resolution of the others; per-head ones, one head's from costing the other heads'.
+  scale = amax over head_dim / 127 (0 for an all-zero vector, which decodes to zeros). Bytes, layer
+  by layer (so a layer can be sent as soon as it is computed): the layer's scales, fp32 [2, H, T]
+  (2HT * 4 bytes), then its values, int8 [2, H, T, D] (2HTD bytes): N * (1 + 4 / D) bytes in all,
+  3.76x smaller than fp32 at D = 64. Error: at most scale / 2 per element. Per-token scales keep a
+  position's outliers from costing the resolution of the others; per-head ones, one head's from
+  costing the other heads'.
+
+Every encoding is layer-major: the bytes of layer l are the encoding of kv[l] alone (`encode_layer`),
+and the KV's bytes are its layers' in order. Version 4 uses that to stream: prefill sends the header
+(its first_token_id and checksum 0) when its last pass starts, each layer's bytes as soon as that layer
+is computed, and a HandoffTrailer (first token, CRC-32C of all the KV bytes) once the pass is done;
+the KV bytes are exactly those of a version 2 or 3 handoff with the same kv_encoding, and the receiver
+admits nothing before the trailer has arrived and the checksum matched.
 
 Compressed handoffs are sent as version 3, so a receiver that knows only version 2 refuses them
 ("handoff format version 3 unsupported (expected 2)") instead of misreading the bytes; this receiver
@@ -32,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 import google_crc32c
 import torch
@@ -45,6 +53,8 @@ from prad.sampling import SamplingParams
 
 FORMAT_VERSION = 2  # native KV
 ENCODED_FORMAT_VERSION = 3  # KV in the header's kv_encoding
+STREAMED_FORMAT_VERSION = 4  # KV in the header's kv_encoding ("" = native), streamed; first token in the trailer
+FORMAT_VERSIONS = (FORMAT_VERSION, ENCODED_FORMAT_VERSION, STREAMED_FORMAT_VERSION)
 KVWireFormat = Literal["native", "bfloat16", "int8"]
 KV_WIRE_FORMATS: tuple[KVWireFormat, ...] = ("native", "bfloat16", "int8")
 _ENCODINGS = ("bfloat16", "int8")  # the header's kv_encoding when not native ("")
@@ -54,6 +64,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # numpy has no bfloat16: move bf16 bytes as int16 and view them back.
 _CARRIER = {torch.bfloat16: torch.int16}
 _LAYOUT_DIMS = ("num_layers", "num_kv_heads", "head_dim")
+M = TypeVar("M", pb.HandoffHeader, pb.HandoffTrailer)
 
 
 @dataclass(frozen=True)
@@ -198,8 +209,8 @@ def dequantize_int8(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
     return out.view(values.shape)
 
 
-def encode_kv(kv: torch.Tensor, encoding: str = "") -> bytes:
-    """The KV bytes as sent in `encoding` ("" = native; layouts in the module docstring)."""
+def encode_layer(kv: torch.Tensor, encoding: str = "") -> bytes:
+    """One layer's KV [2, H, T, D] as sent in `encoding` ("" = native; layouts in the module docstring)."""
     if encoding == "":
         return kv_to_bytes(kv)
     if encoding == "bfloat16":
@@ -208,6 +219,14 @@ def encode_kv(kv: torch.Tensor, encoding: str = "") -> bytes:
         values, scales = quantize_int8(kv)
         return kv_to_bytes(scales) + kv_to_bytes(values)
     raise ValueError(f"KV encoding {encoding!r} unknown (one of {', '.join(_ENCODINGS)})")
+
+
+def encode_kv(kv: torch.Tensor, encoding: str = "") -> bytes:
+    """The KV [L, 2, H, T, D] as sent in `encoding`: its layers' bytes in order (one pass when native or
+    bfloat16, whose bytes are layer-major as they are)."""
+    if encoding in ("", "bfloat16"):
+        return encode_layer(kv, encoding)
+    return b"".join(encode_layer(layer, encoding) for layer in kv)
 
 
 def decode_kv(data: bytes | bytearray | memoryview, layout: KVLayout, encoding: str = "") -> torch.Tensor:
@@ -222,10 +241,24 @@ def decode_kv(data: bytes | bytearray | memoryview, layout: KVLayout, encoding: 
     if encoding == "bfloat16":
         return kv_from_bytes(data, replace(layout, dtype="bfloat16")).to(dtype)
     buffer = data if isinstance(data, bytearray) else bytearray(data)
-    num_scales = math.prod(layout.shape[:-1])
-    scales = torch.frombuffer(buffer, dtype=torch.float32, count=num_scales).view(layout.shape[:-1])
-    values = torch.frombuffer(buffer, dtype=torch.int8, offset=4 * num_scales).view(layout.shape)
-    return dequantize_int8(values, scales, dtype)
+    out = torch.empty(layout.shape, dtype=dtype)
+    layer_shape = layout.shape[1:]
+    num_scales = math.prod(layer_shape[:-1])
+    layer_bytes = expected // layout.num_layers
+    for layer in range(layout.num_layers):
+        offset = layer * layer_bytes
+        scales = _frombuffer_f32(buffer, offset, num_scales).view(layer_shape[:-1])
+        values = torch.frombuffer(buffer, dtype=torch.int8, offset=offset + 4 * num_scales,
+                                  count=num_scales * layout.head_dim).view(layer_shape)
+        out[layer] = dequantize_int8(values, scales, dtype)
+    return out
+
+
+def _frombuffer_f32(buffer: bytearray, offset: int, count: int) -> torch.Tensor:
+    """`count` fp32 values at `offset` (copied when the offset is not 4-byte aligned: an odd head_dim)."""
+    if offset % 4:
+        return torch.frombuffer(bytearray(buffer[offset:offset + 4 * count]), dtype=torch.float32)
+    return torch.frombuffer(buffer, dtype=torch.float32, offset=offset, count=count)
 
 
 def kv_checksum(data: bytes, start: int = 0) -> int:
@@ -238,20 +271,47 @@ def verify_checksum(header: pb.HandoffHeader, crc: int) -> None:
         raise HandoffError("KV checksum mismatch: the KV bytes were corrupted in transfer")
 
 
-def header_to_proto(handoff: KVHandoff, num_kv_bytes: int, checksum: int, kv_encoding: str = "") -> \
-        pb.HandoffHeader:
-    """The header; version 2 for native KV (`kv_encoding` ""), 3 for an encoded one."""
+def header_to_proto(handoff: KVHandoff, num_kv_bytes: int, checksum: int, kv_encoding: str = "",
+                    streamed: bool = False) -> pb.HandoffHeader:
+    """The header: version 2 for native KV (`kv_encoding` ""), 3 for an encoded one, 4 for either when
+    `streamed` (its first token and checksum then travel in the trailer: 0 here)."""
     s, lay = handoff.sampling, handoff.layout
+    version = STREAMED_FORMAT_VERSION if streamed else ENCODED_FORMAT_VERSION if kv_encoding else FORMAT_VERSION
     return pb.HandoffHeader(
-        format_version=ENCODED_FORMAT_VERSION if kv_encoding else FORMAT_VERSION, request_id=handoff.request_id,
+        format_version=version, request_id=handoff.request_id,
         task=handoff.task, adapter_version=handoff.adapter_version, model_fingerprint=handoff.model_fingerprint,
-        prompt_token_ids=handoff.prompt_token_ids, first_token_id=handoff.first_token_id,
+        prompt_token_ids=handoff.prompt_token_ids, first_token_id=0 if streamed else handoff.first_token_id,
         sampling=pb.SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                    top_k=s.top_k, seed=s.seed, stop=list(s.stop), ignore_eos=s.ignore_eos),
         deadline_s=handoff.deadline_s or 0.0,
         layout=pb.KVLayout(num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
                            dtype=lay.dtype, length=lay.length),
-        checksum=checksum, num_kv_bytes=num_kv_bytes, kv_encoding=kv_encoding)
+        checksum=0 if streamed else checksum, num_kv_bytes=num_kv_bytes, kv_encoding=kv_encoding)
+
+
+def apply_trailer(header: pb.HandoffHeader, trailer: pb.HandoffTrailer) -> pb.HandoffHeader:
+    """A version-4 header completed by its trailer (first token and checksum), ready for handoff_from_proto."""
+    if header.format_version != STREAMED_FORMAT_VERSION:
+        raise HandoffError(f"a trailer ends only a version {STREAMED_FORMAT_VERSION} handoff, not version "
+                           f"{header.format_version}")
+    done = pb.HandoffHeader()
+    done.CopyFrom(header)
+    done.first_token_id = trailer.first_token_id
+    done.checksum = trailer.checksum
+    return done
+
+
+def parse_trailer(raw: bytes) -> pb.HandoffTrailer:
+    return _parse(pb.HandoffTrailer(), raw, "handoff trailer")
+
+
+def _parse(message: M, raw: bytes, what: str) -> M:
+    """`message` filled from `raw`; HandoffError naming `what` for bytes protobuf cannot read."""
+    try:
+        message.ParseFromString(raw)
+    except Exception as e:  # protobuf raises DecodeError subclasses
+        raise HandoffError(f"malformed {what}: {e}") from e
+    return message
 
 
 def encode_handoff(handoff: KVHandoff, kv_wire_format: str = "native") -> tuple[bytes, bytes]:
@@ -264,14 +324,10 @@ def encode_handoff(handoff: KVHandoff, kv_wire_format: str = "native") -> tuple[
 
 
 def parse_header(raw: bytes) -> pb.HandoffHeader:
-    header = pb.HandoffHeader()
-    try:
-        header.ParseFromString(raw)
-    except Exception as e:  # protobuf raises DecodeError subclasses
-        raise HandoffError(f"malformed handoff header: {e}") from e
-    if header.format_version not in (FORMAT_VERSION, ENCODED_FORMAT_VERSION):
-        raise HandoffError(f"handoff format version {header.format_version} unsupported (expected "
-                           f"{FORMAT_VERSION} or {ENCODED_FORMAT_VERSION})")
+    header = _parse(pb.HandoffHeader(), raw, "handoff header")
+    if header.format_version not in FORMAT_VERSIONS:
+        raise HandoffError(f"handoff format version {header.format_version} unsupported (expected one of "
+                           f"{', '.join(map(str, FORMAT_VERSIONS))})")
     return header
 
 
@@ -302,6 +358,8 @@ def event_from_proto(msg: pb.TokenEvent) -> TokenEvent:
                       msg.num_prompt_tokens, msg.num_output_tokens, first_token_index=msg.first_token_index)
 
 
-def chunks(data: bytes, size: int = CHUNK_BYTES) -> list[memoryview]:
-    view = memoryview(data)
-    return [view[i:i + size] for i in range(0, len(view), size)] or [view[:0]]
+def chunks(data: bytes, size: int = CHUNK_BYTES) -> list[bytes]:
+    """`data` in pieces of at most `size` bytes (itself, uncopied, when it fits in one)."""
+    if len(data) <= size:
+        return [data]
+    return [data[i:i + size] for i in range(0, len(data), size)]

@@ -169,7 +169,8 @@ def make_sender(settings: ServeSettings) -> KVSender:
 def _front_door(settings: ServeSettings, loaded: LoadedModel, sender: KVSender, lock: AbstractContextManager[object]
                 | None, metrics: Metrics, life: Lifecycle) -> FastAPI:
     config = PrefillConfig(settings.max_prefill_tokens, settings.max_prefill_batch, settings.max_waiting,
-                           settings.prefix_cache_mb << 20, settings.prefix_cache_block_tokens)
+                           settings.prefix_cache_mb << 20, settings.prefix_cache_block_tokens, settings.kv_stream,
+                           settings.kv_stream_min_tokens)
     prefill = PrefillEngine(loaded, sender, config, lock, metrics, settings.engine_stall_timeout_s)
     store = _versioned_store(settings, life)
     seed_errors = seed_from_folder(store, settings.adapters)

@@ -35,6 +35,11 @@ class ServeSettings(BaseSettings):
                                                                   "per-token scales, ~3.8x smaller than fp32); "
                                                                   "decode rebuilds the model's dtype either way; "
                                                                   "inproc hands tensors over and ignores it")
+    kv_stream: bool = Field(default=True, description="prefill side, grpc or redis: send each layer's KV as soon "
+                            "as the prompt's last pass computes it, overlapping the transfer with the rest of "
+                            "prefill (handoff format version 4); off: the whole KV after the pass (2 or 3)")
+    kv_stream_min_tokens: int = Field(default=128, ge=0, description="prefill side: prompts shorter than this "
+                                      "are handed over whole even with --kv-stream (too little to overlap)")
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="redis:// or rediss:// (password in URL)")
     redis_prefix: str = Field(default="prad:", description="key prefix shared by one deployment")
     kv_ttl_s: float = Field(default=600.0, gt=0, description="Redis: KV blobs expire after this")

@@ -12,6 +12,7 @@ decode service uses this file with `hooks=None` and so never imports adapter cod
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -78,9 +79,10 @@ class Model:
         kv: KVCache | None,  # rows [0, B) receive this step's K/V at `positions`; None: no cache
         hooks: AdapterHooks | None = None,
         logit_index: torch.Tensor | None = None,  # [B]: the one t per row whose logits we need
+        on_layer: Callable[[int], None] | None = None,  # called with i once layer i's K/V are in `kv`
     ) -> torch.Tensor:
         """Logits [B, V] when logit_index is given, else [B, T, V]."""
-        return self.forward_train(token_ids, positions, kv, hooks, logit_index)
+        return self.forward_train(token_ids, positions, kv, hooks, logit_index, on_layer)
 
     def forward_train(
         self,
@@ -89,6 +91,7 @@ class Model:
         kv: KVCache | None,
         hooks: AdapterHooks | None = None,
         logit_index: torch.Tensor | None = None,
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """`forward` without inference mode, so gradients flow into adapter weights (training).
 
@@ -106,6 +109,8 @@ class Model:
         for i, lw in enumerate(w.layers):
             h = h + self._attention(i, lw, self._norm(h, lw.attn_norm_w, lw.attn_norm_b), positions,
                                     kv, mask, rope, hooks)
+            if on_layer is not None:  # e.g. prefill streaming layer i's KV while the rest computes
+                on_layer(i)
             h = h + self._mlp(i, lw, self._norm(h, lw.mlp_norm_w, lw.mlp_norm_b), hooks)
         if logit_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logit_index]  # [B, d]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_transfer.base import EventSink, KVSender, TokenEvent
+from kv_transfer.base import EventSink, KVSender, KVStream, TokenEvent
 from kv_transfer.handoff import KVHandoff, KVLayout
 from kv_transfer.outcome import ErrorKind, FinishReason, error_kind, refusal_message
 from prad.adapters import Adapter
@@ -37,6 +37,8 @@ class PrefillConfig:
     max_waiting: int = 256  # queued requests; beyond that, refused (queue_full)
     prefix_cache_bytes: int = 0  # prompt KV kept for reuse by later prompts with the same prefix (0 = off)
     prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS  # prefix cache granularity
+    stream_kv: bool = True  # send each layer's KV while the last pass computes the next (if the transport can)
+    stream_kv_min_tokens: int = 128  # shorter prompts go whole: their pass is too short to overlap much
 
 
 @dataclass(kw_only=True)
@@ -52,6 +54,8 @@ class PrefillRequest(ScheduledRequest):
     sink: EventSink | None = None  # where its events go, from submission on
     past_kv: torch.Tensor | None = None  # KV of its earlier chunks, when chunked
     started_s: float | None = None  # when its first chunk was scheduled
+    stream: KVStream | None = None  # its handoff, being sent layer by layer during its last pass
+    may_stream: bool = True  # False once a pass it was in failed: the retry hands the KV over whole
 
 
 class PrefillEngine(EngineLoop[PrefillBatch[PrefillRequest], PrefillBatch[PrefillRequest], list[ChunkOutput]]):
@@ -123,10 +127,53 @@ class PrefillEngine(EngineLoop[PrefillBatch[PrefillRequest], PrefillBatch[Prefil
                 self.metrics.queue_s.labels(self.metrics.task(request.task)).observe(now - request.arrived_s)
         inputs = [ChunkInput(c.request.prompt_token_ids[c.start:c.end], c.start, c.request.adapter,
                              c.request.past_kv) for c in batch.chunks]
-        with self.compute_lock:
-            outputs = self.runner.run(inputs)
+        outputs = self.runner.new_outputs(inputs)
+        streams = self._open_streams(batch, outputs)
+
+        def layer_done(layer: int) -> None:
+            for stream in streams:
+                stream.layer_ready(layer)
+
+        try:
+            with self.compute_lock:
+                result = self.runner.run(inputs, outputs, layer_done if streams else None)
+        except Exception as e:
+            for chunk in batch.chunks:  # the retry, one by one, sends whole handoffs
+                self._cancel_stream(chunk.request, f"prefill pass failed: {e}")
+                chunk.request.may_stream = False
+            raise
         self.num_steps += 1
-        return outputs
+        return result
+
+    def _open_streams(self, batch: PrefillBatch[PrefillRequest], outputs: list[torch.Tensor]) -> list[KVStream]:
+        """Start the handoff of each prompt this pass completes, to be sent layer by layer as it computes
+        (none when streaming is off, the transport hands KV over whole, or opening fails: then it is sent
+        whole after the pass)."""
+        streams: list[KVStream] = []
+        if not self.config.stream_kv:
+            return streams
+        for chunk, kv in zip(batch.chunks, outputs, strict=True):
+            request = chunk.request
+            if not (chunk.is_last and request.may_stream) or request.sink is None or \
+                    len(request.prompt_token_ids) < self.config.stream_kv_min_tokens:
+                continue
+            try:
+                request.stream = self.sender.open_stream(self._handoff(request, kv, first_token_id=0),
+                                                         request.sink)
+            except Exception:  # e.g. no decode replica: the whole-handoff path reports it after the pass
+                log.debug("no layer stream for %s", request.request_id, exc_info=True)
+                request.stream = None
+            if request.stream is not None:
+                streams.append(request.stream)
+        return streams
+
+    def _cancel_stream(self, request: PrefillRequest, reason: str) -> None:
+        stream, request.stream = request.stream, None
+        if stream is not None:
+            try:
+                stream.cancel(reason)
+            except Exception:
+                log.warning("cancelling the KV stream of %s failed", request.request_id, exc_info=True)
 
     def _update(self, batch: PrefillBatch[PrefillRequest], outputs: list[ChunkOutput]) -> None:
         with self._lock:
@@ -180,13 +227,21 @@ class PrefillEngine(EngineLoop[PrefillBatch[PrefillRequest], PrefillBatch[Prefil
             log.warning("prefix cache insert for %s failed", request.request_id, exc_info=True)
         self.metrics.prefix_cache_bytes.set(self.prefix_cache.num_bytes)
 
-    def _send(self, request: PrefillRequest, out: ChunkOutput) -> None:
-        first = sample_one(out.logits, request.sampling, 0)
+    def _handoff(self, request: PrefillRequest, kv: torch.Tensor, first_token_id: int) -> KVHandoff:
         c = self.loaded.config
-        layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, str(out.kv.dtype).removeprefix("torch."),
+        layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, str(kv.dtype).removeprefix("torch."),
                           len(request.prompt_token_ids))
-        handoff = KVHandoff(request.request_id, request.task, request.adapter_version, self.loaded.fingerprint,
-                            request.prompt_token_ids, first, request.sampling, request.deadline_s, layout, out.kv)
+        return KVHandoff(request.request_id, request.task, request.adapter_version, self.loaded.fingerprint,
+                         request.prompt_token_ids, first_token_id, request.sampling, request.deadline_s, layout, kv)
+
+    def _send(self, request: PrefillRequest, out: ChunkOutput) -> None:
+        try:
+            first = sample_one(out.logits, request.sampling, 0)
+        except Exception:
+            self._cancel_stream(request, "sampling the first token failed")
+            raise
+        stream, request.stream = request.stream, None
+        handoff = stream.handoff if stream is not None else self._handoff(request, out.kv, first)
         m, transport = self.metrics, self.sender.transport_name
         started_s = request.started_s or request.arrived_s
         m.prefill_s.labels(m.task(request.task)).observe(time.monotonic() - started_s)
@@ -194,15 +249,19 @@ class PrefillEngine(EngineLoop[PrefillBatch[PrefillRequest], PrefillBatch[Prefil
         sent_s = time.monotonic()
         assert request.sink is not None  # set by submit()
         try:
-            self.sender.send(handoff, request.sink)
+            if stream is not None:
+                stream.finish(first)
+            else:
+                self.sender.send(handoff, request.sink)
         except Exception as e:  # refused, or the transport is down: the client hears why
             kind = error_kind(e)
             if kind is ErrorKind.UNAVAILABLE:
                 log.warning("handoff of %s failed: %s", request.request_id, e)
-            m.kv_transfer_failures.labels(transport, _FAILURE_REASON[kind]).inc()
+            m.kv_transfer_failures.labels(transport, _FAILURE_REASON.get(kind, kind.value)).inc()
             _emit(request, TokenEvent.failure(request.request_id, kind, refusal_message(e),
                                               len(request.prompt_token_ids)))
         else:
+            # Streamed: the time from the end of the pass to the handoff completing (what it adds to TTFT).
             m.kv_transfer_s.labels(transport).observe(time.monotonic() - sent_s)
             m.kv_transfer_bytes.labels(transport).inc(self.sender.wire_bytes(handoff))
 

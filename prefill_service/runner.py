@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +29,17 @@ class PrefillRunner:
     def __init__(self, model: Model) -> None:
         self.model = model
 
+    def new_outputs(self, chunks: list[ChunkInput]) -> list[torch.Tensor]:
+        """Each chunk's output KV [L, 2, Hkv, start + len, D], unfilled: `run` fills it layer by layer."""
+        c, m = self.model.config, self.model
+        return [torch.empty(c.num_layers, 2, c.num_kv_heads, ch.start + len(ch.token_ids), c.head_dim,
+                            dtype=m.dtype, device=m.device) for ch in chunks]
+
     @torch.inference_mode()
-    def run(self, chunks: list[ChunkInput]) -> list[ChunkOutput]:
+    def run(self, chunks: list[ChunkInput], outputs: list[torch.Tensor] | None = None,
+            on_layer: Callable[[int], None] | None = None) -> list[ChunkOutput]:
+        """One pass over `chunks`. Their KV goes into `outputs` (new_outputs' tensors; made here when None)
+        as each layer is computed, after which `on_layer(layer)` is called: prefill streams it from there."""
         device = self.model.device
         lengths = [len(c.token_ids) for c in chunks]
         width = max(lengths)
@@ -46,12 +56,21 @@ class PrefillRunner:
         for i, c in enumerate(chunks):
             if c.past_kv is not None:
                 kv.insert(i, c.past_kv)
+        outs = self.new_outputs(chunks) if outputs is None else outputs
+
+        def layer_done(layer: int) -> None:
+            for i, out in enumerate(outs):
+                length = out.shape[3]
+                out[layer, 0] = kv.k[layer, i, :, :length]
+                out[layer, 1] = kv.v[layer, i, :, :length]
+            if on_layer is not None:
+                on_layer(layer)
+
         adapters = [c.adapter for c in chunks]
         hooks = None if all(a is None for a in adapters) else self.row_adapters(adapters, prompt_mask.to(device))
         logits = self.model.forward(ids.to(device), positions.to(device), kv, hooks,
-                                    logit_index=torch.tensor(lengths, device=device) - 1)
-        return [ChunkOutput(kv.extract(i, c.start + lengths[i]), logits[i])  # extract copies
-                for i, c in enumerate(chunks)]
+                                    logit_index=torch.tensor(lengths, device=device) - 1, on_layer=layer_done)
+        return [ChunkOutput(out, logits[i]) for i, out in enumerate(outs)]
 
     def row_adapters(self, adapters: list[Adapter | None], prompt_mask: torch.Tensor) -> RowAdapters:
         """The batch's per-row adapter hooks; prompt_mask [B, T] is 1 on each row's prompt tokens."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#kv_transfer/protos/kv_handoff.proto\x12\nprad.kv.v1\"\x8b\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\"e\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06length\x18\x05 \x01(\r\"\xd4\x02\n\rHandoffHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x07 \x01(\r\x12,\n\x08sampling\x18\x08 \x01(\x0b\x32\x1a.prad.kv.v1.SamplingParams\x12\x12\n\ndeadline_s\x18\t \x01(\x01\x12$\n\x06layout\x18\n \x01(\x0b\x32\x14.prad.kv.v1.KVLayout\x12\x10\n\x08\x63hecksum\x18\x0b \x01(\r\x12\x14\n\x0cnum_kv_bytes\x18\x0c \x01(\x04\x12\x13\n\x0bkv_encoding\x18\r \x01(\t\"\x17\n\x07KVChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x90\x01\n\rDecodeRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.prad.kv.v1.HandoffHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.prad.kv.v1.KVChunkH\x00\x12$\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x12.prad.kv.v1.CancelH\x00\x42\x06\n\x04kind\"\xd2\x01\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nerror_kind\x18\n \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x08 \x01(\r\x12\x19\n\x11\x66irst_token_index\x18\t \x01(\rJ\x04\x08\x06\x10\x07\"\x0f\n\rHealthRequest\"R\n\x0bHealthReply\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r2\x8e\x01\n\rDecodeService\x12?\n\x06\x44\x65\x63ode\x12\x19.prad.kv.v1.DecodeRequest\x1a\x16.prad.kv.v1.TokenEvent(\x01\x30\x01\x12<\n\x06Health\x12\x19.prad.kv.v1.HealthRequest\x1a\x17.prad.kv.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#kv_transfer/protos/kv_handoff.proto\x12\nprad.kv.v1\"\x8b\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\"e\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06length\x18\x05 \x01(\r\"\xd4\x02\n\rHandoffHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x07 \x01(\r\x12,\n\x08sampling\x18\x08 \x01(\x0b\x32\x1a.prad.kv.v1.SamplingParams\x12\x12\n\ndeadline_s\x18\t \x01(\x01\x12$\n\x06layout\x18\n \x01(\x0b\x32\x14.prad.kv.v1.KVLayout\x12\x10\n\x08\x63hecksum\x18\x0b \x01(\r\x12\x14\n\x0cnum_kv_bytes\x18\x0c \x01(\x04\x12\x13\n\x0bkv_encoding\x18\r \x01(\t\":\n\x0eHandoffTrailer\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\r\"\x17\n\x07KVChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xbf\x01\n\rDecodeRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.prad.kv.v1.HandoffHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.prad.kv.v1.KVChunkH\x00\x12$\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x12.prad.kv.v1.CancelH\x00\x12-\n\x07trailer\x18\x04 \x01(\x0b\x32\x1a.prad.kv.v1.HandoffTrailerH\x00\x42\x06\n\x04kind\"\xd2\x01\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nerror_kind\x18\n \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x08 \x01(\r\x12\x19\n\x11\x66irst_token_index\x18\t \x01(\rJ\x04\x08\x06\x10\x07\"\x0f\n\rHealthRequest\"R\n\x0bHealthReply\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r2\x8e\x01\n\rDecodeService\x12?\n\x06\x44\x65\x63ode\x12\x19.prad.kv.v1.DecodeRequest\x1a\x16.prad.kv.v1.TokenEvent(\x01\x30\x01\x12<\n\x06Health\x12\x19.prad.kv.v1.HealthRequest\x1a\x17.prad.kv.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,18 +37,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVLAYOUT']._serialized_end=294
   _globals['_HANDOFFHEADER']._serialized_start=297
   _globals['_HANDOFFHEADER']._serialized_end=637
-  _globals['_KVCHUNK']._serialized_start=639
-  _globals['_KVCHUNK']._serialized_end=662
-  _globals['_CANCEL']._serialized_start=664
-  _globals['_CANCEL']._serialized_end=688
-  _globals['_DECODEREQUEST']._serialized_start=691
-  _globals['_DECODEREQUEST']._serialized_end=835
-  _globals['_TOKENEVENT']._serialized_start=838
-  _globals['_TOKENEVENT']._serialized_end=1048
-  _globals['_HEALTHREQUEST']._serialized_start=1050
-  _globals['_HEALTHREQUEST']._serialized_end=1065
-  _globals['_HEALTHREPLY']._serialized_start=1067
-  _globals['_HEALTHREPLY']._serialized_end=1149
-  _globals['_DECODESERVICE']._serialized_start=1152
-  _globals['_DECODESERVICE']._serialized_end=1294
+  _globals['_HANDOFFTRAILER']._serialized_start=639
+  _globals['_HANDOFFTRAILER']._serialized_end=697
+  _globals['_KVCHUNK']._serialized_start=699
+  _globals['_KVCHUNK']._serialized_end=722
+  _globals['_CANCEL']._serialized_start=724
+  _globals['_CANCEL']._serialized_end=748
+  _globals['_DECODEREQUEST']._serialized_start=751
+  _globals['_DECODEREQUEST']._serialized_end=942
+  _globals['_TOKENEVENT']._serialized_start=945
+  _globals['_TOKENEVENT']._serialized_end=1155
+  _globals['_HEALTHREQUEST']._serialized_start=1157
+  _globals['_HEALTHREQUEST']._serialized_end=1172
+  _globals['_HEALTHREPLY']._serialized_start=1174
+  _globals['_HEALTHREPLY']._serialized_end=1256
+  _globals['_DECODESERVICE']._serialized_start=1259
+  _globals['_DECODESERVICE']._serialized_end=1401
 # @@protoc_insertion_point(module_scope)

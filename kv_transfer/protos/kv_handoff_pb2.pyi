@@ -68,6 +68,14 @@ class HandoffHeader(_message.Message):
     kv_encoding: str
     def __init__(self, format_version: _Optional[int] = ..., request_id: _Optional[str] = ..., task: _Optional[str] = ..., adapter_version: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., deadline_s: _Optional[float] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., checksum: _Optional[int] = ..., num_kv_bytes: _Optional[int] = ..., kv_encoding: _Optional[str] = ...) -> None: ...
 
+class HandoffTrailer(_message.Message):
+    __slots__ = ("first_token_id", "checksum")
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    first_token_id: int
+    checksum: int
+    def __init__(self, first_token_id: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+
 class KVChunk(_message.Message):
     __slots__ = ("data",)
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -81,14 +89,16 @@ class Cancel(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("header", "chunk", "cancel")
+    __slots__ = ("header", "chunk", "cancel", "trailer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
     header: HandoffHeader
     chunk: KVChunk
     cancel: Cancel
-    def __init__(self, header: _Optional[_Union[HandoffHeader, _Mapping]] = ..., chunk: _Optional[_Union[KVChunk, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
+    trailer: HandoffTrailer
+    def __init__(self, header: _Optional[_Union[HandoffHeader, _Mapping]] = ..., chunk: _Optional[_Union[KVChunk, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., trailer: _Optional[_Union[HandoffTrailer, _Mapping]] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finish_reason", "error", "error_kind", "num_prompt_tokens", "num_output_tokens", "first_token_index")

@@ -103,13 +103,13 @@ def test_transfer_bench_smoke(tmp_path) -> None:
     transfer.main(["--transports", "inproc,grpc", "--prompt-lengths", "16", "--requests", "1", "--gen", "2",
                    "--threads", "1", "--out", str(tmp_path)])
     out = json.loads((tmp_path / "transfer.json").read_text())
-    rows = {r["transport"]: r for r in out["results"]}
-    assert set(rows) == {"inproc", "grpc"}
+    rows = {(r["transport"], r["kv_stream"]): r for r in out["results"]}
+    assert set(rows) == {("inproc", None), ("grpc", True), ("grpc", False)}  # --kv-stream both: two prefills
     for r in rows.values():
         assert r["prompt_len"] == 16 and r["requests"] == 1 and len(r["ttft_ms_runs"]) == 1
         assert 0 < r["ttft_ms"] <= r["e2e_ms"]
         assert r["kv_bytes_per_token"] and r["kv_bytes_per_token"] > 0  # the counter moved: KV was handed over
-    assert rows["inproc"]["ttft_overhead"] is None and rows["grpc"]["ttft_overhead"] is not None
+    assert rows["inproc", None]["ttft_overhead"] is None and rows["grpc", True]["ttft_overhead"] is not None
     assert out["references_mb_per_s"]["loopback TCP"] > 0
     assert (tmp_path / "transfer.png").stat().st_size > 0
 

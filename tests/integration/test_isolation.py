@@ -142,10 +142,10 @@ def test_a_failing_prefill_batch_is_retried_one_request_at_a_time(engines, smoll
     poison = random_adapter("prad-pa", smollm2.config, smollm2.fingerprint, 5, 0.3)
     real_run = prefill.runner.run
 
-    def run(chunks):
+    def run(chunks, outputs=None, on_layer=None):
         if any(c.adapter is poison for c in chunks):
             raise RuntimeError("injected adapter fault")
-        return real_run(chunks)
+        return real_run(chunks, outputs, on_layer)
 
     monkeypatch.setattr(prefill.runner, "run", run)
     col = Collector()

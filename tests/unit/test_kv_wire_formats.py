@@ -19,6 +19,7 @@ from kv_transfer.wire import (
     decode_kv,
     encode_handoff,
     encode_kv,
+    encode_layer,
     handoff_from_proto,
     kv_wire_num_bytes,
     parse_header,
@@ -160,8 +161,8 @@ def test_version_and_encoding_must_agree() -> None:
     header.format_version, header.kv_encoding = 3, ""
     with pytest.raises(HandoffError, match="version 3 needs a KV encoding"):
         check_header(header)
-    header.format_version = 4
-    with pytest.raises(HandoffError, match=r"format version 4 unsupported \(expected 2 or 3\)"):
+    header.format_version = 5
+    with pytest.raises(HandoffError, match=r"format version 5 unsupported \(expected one of 2, 3, 4\)"):
         parse_header(header.SerializeToString())
 
 
@@ -210,12 +211,33 @@ def test_native_handoff_encodes_byte_identically_to_format_version_2() -> None:
     assert encode_handoff(handoff) == encode_handoff(handoff, "native")  # the default
 
 
-def test_int8_wire_layout_is_scales_then_values() -> None:
-    """The documented byte layout: fp32 scales [L, 2, H, T] first, then int8 values [L, 2, H, T, D]."""
+def test_int8_wire_layout_is_per_layer_scales_then_values() -> None:
+    """The documented byte layout, layer by layer: fp32 scales [2, H, T], then int8 values [2, H, T, D]."""
     kv = _kv()
     values, scales = quantize_int8(kv)
     data = encode_kv(kv, "int8")
-    assert data[:scales.numel() * 4] == scales.numpy().tobytes()
-    assert data[scales.numel() * 4:] == values.numpy().tobytes()
+    offset = 0
+    for layer in range(kv.shape[0]):
+        num_scales = scales[layer].numel()
+        assert data[offset:offset + 4 * num_scales] == scales[layer].numpy().tobytes()
+        offset += 4 * num_scales
+        assert data[offset:offset + values[layer].numel()] == values[layer].numpy().tobytes()
+        offset += values[layer].numel()
+    assert offset == len(data)
     layout = _handoff(kv).layout
     assert torch.equal(decode_kv(data, layout, "int8"), values.float() * scales.unsqueeze(-1))
+
+
+@pytest.mark.parametrize("encoding", ["", "bfloat16", "int8"])
+def test_kv_bytes_are_its_layers_bytes_in_order(encoding: str) -> None:
+    """What lets version 4 stream: each layer encodes alone, and the KV is its layers' bytes in order."""
+    kv = _kv()
+    assert encode_kv(kv, encoding) == b"".join(encode_layer(layer, encoding) for layer in kv)
+
+
+def test_int8_decodes_with_an_odd_head_dim() -> None:
+    """Layer blocks then start at offsets that are not 4-byte aligned; the scales still read right."""
+    kv = torch.randn(3, 2, 1, 5, 7)
+    values, scales = quantize_int8(kv)
+    layout = KVLayout(3, 1, 7, "float32", 5)
+    assert torch.equal(decode_kv(encode_kv(kv, "int8"), layout, "int8"), values.float() * scales.unsqueeze(-1))
