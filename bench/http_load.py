@@ -17,6 +17,10 @@ first token; ttft_s each request's time to its first token; client_cpu_s the loa
 CPU time in that window.
 Every request must end with finish_reason "length", `gen` tokens and its expected prompt token count,
 else the process exits non-zero naming the request.
+
+For open-loop load (bench/serve_load.py) the module also offers `run_arrivals`: each request sent at
+its own arrival time over a connection opened then, with the arrival time of every streamed token
+chunk recorded (`timed_events`, `stream_timed`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -78,32 +82,14 @@ async def chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
 
 async def stream_one(conn: Connection, host: str, req: Request, gen: int) -> tuple[float, list[int]]:
     """One streamed request over an open connection; returns (time of its first token, its token ids)."""
-    reader, writer = conn
-    body = {"task": req.task, "prompt": req.prompt, "max_new_tokens": gen, "temperature": 0.0,
-            "ignore_eos": True, "stream": True}
-    writer.write(post_bytes(host, "/generate", body))
-    status, headers = await read_head(reader)
-    if status != 200:
-        text = await reader.read(int(headers.get("content-length", "300")))
-        raise RuntimeError(f"task {req.task}: HTTP {status}: {text[:300]!r}")
-    if headers.get("transfer-encoding") != "chunked":
-        raise RuntimeError(f"task {req.task}: expected a chunked event stream, got headers {headers}")
     first_s: float | None = None
     token_ids: list[int] = []
     final: dict[str, Any] = {}
-    pending = b""
-    async for piece in chunks(reader):
-        *events, pending = (pending + piece).split(b"\n\n")
-        for raw in events:
-            if not raw.startswith(b"data: "):
-                continue
-            event = json.loads(raw[6:])
-            if "error" in event:
-                raise RuntimeError(f"task {req.task}: {event['error']}")
-            if event["token_ids"] and first_s is None:
-                first_s = time.perf_counter()
-            token_ids += event["token_ids"]
-            final = event
+    async for arrived_s, event in timed_events(conn, host, req, gen):
+        if event["token_ids"] and first_s is None:
+            first_s = arrived_s
+        token_ids += event["token_ids"]
+        final = event
     check_final(req.task, final, token_ids, gen, req.prompt_tokens)
     assert first_s is not None
     return first_s, token_ids
@@ -124,6 +110,78 @@ async def run_load(url: str, requests: list[Request], gen: int) -> dict[str, Any
             writer.close()
     return {"total_s": total, "prefill_s": max(first for first, _ in outs) - start, "client_cpu_s": cpu,
             "ttft_s": [first - start for first, _ in outs], "tokens": [ids for _, ids in outs]}
+
+
+async def timed_events(conn: Connection, host: str, req: Request,
+                       gen: int) -> AsyncIterator[tuple[float, dict[str, Any]]]:
+    """Send one streamed request over an open connection; yield each SSE event with the perf_counter()
+    time the piece of body carrying it was read (events read together share it). Raises on an HTTP error
+    or an error event, naming the task."""
+    reader, writer = conn
+    body = {"task": req.task, "prompt": req.prompt, "max_new_tokens": gen, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    writer.write(post_bytes(host, "/generate", body))
+    status, headers = await read_head(reader)
+    if status != 200:
+        text = await reader.read(int(headers.get("content-length", "300")))
+        raise RuntimeError(f"task {req.task}: HTTP {status}: {text[:300]!r}")
+    if headers.get("transfer-encoding") != "chunked":
+        raise RuntimeError(f"task {req.task}: expected a chunked event stream, got headers {headers}")
+    pending = b""
+    async for piece in chunks(reader):
+        arrived_s = time.perf_counter()
+        *events, pending = (pending + piece).split(b"\n\n")
+        for raw in events:
+            if not raw.startswith(b"data: "):
+                continue
+            event = json.loads(raw[6:])
+            if "error" in event:
+                raise RuntimeError(f"task {req.task}: {event['error']}")
+            yield arrived_s, event
+
+
+async def stream_timed(url: str, req: Request, gen: int, start_s: float) -> dict[str, Any]:
+    """One streamed request over a connection opened now. Returns, in seconds after `start_s`:
+    "sent_s" (just before connecting), "chunk_s" (arrival of each event carrying tokens) with
+    "chunk_tokens" (tokens in each), and "tokens" (the ids)."""
+    parts = urlsplit(url)
+    sent_s = time.perf_counter()
+    conn = await asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 80)
+    chunk_s: list[float] = []
+    chunk_tokens: list[int] = []
+    token_ids: list[int] = []
+    final: dict[str, Any] = {}
+    try:
+        async for arrived_s, event in timed_events(conn, parts.netloc, req, gen):
+            if event["token_ids"]:
+                chunk_s.append(arrived_s - start_s)
+                chunk_tokens.append(len(event["token_ids"]))
+            token_ids += event["token_ids"]
+            final = event
+    finally:
+        conn[1].close()
+    check_final(req.task, final, token_ids, gen, req.prompt_tokens)
+    return {"sent_s": sent_s - start_s, "chunk_s": chunk_s, "chunk_tokens": chunk_tokens, "tokens": token_ids}
+
+
+async def run_arrivals(url: str, requests: list[Request], gen: int, arrivals_s: list[float],
+                       on_done: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Open-loop load: request i is sent `arrivals_s[i]` seconds after the start, whatever the server's
+    pace (a late server does not slow the arrivals). Returns "duration_s" (start to the last stream's
+    end), "client_cpu_s" and per request `stream_timed`'s record plus "scheduled_s"; `on_done` is
+    called as each request finishes (progress)."""
+    start_s, cpu_start_s = time.perf_counter(), time.process_time()
+
+    async def one(req: Request, at_s: float) -> dict[str, Any]:
+        await asyncio.sleep(max(0.0, start_s + at_s - time.perf_counter()))
+        out = await stream_timed(url, req, gen, start_s)
+        if on_done is not None:
+            on_done()
+        return out | {"scheduled_s": at_s}
+
+    outs = await asyncio.gather(*(one(req, at) for req, at in zip(requests, arrivals_s, strict=True)))
+    return {"duration_s": time.perf_counter() - start_s, "client_cpu_s": time.process_time() - cpu_start_s,
+            "requests": outs}
 
 
 def parse_job(text: str) -> tuple[str, list[Request], int]:
