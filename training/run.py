@@ -2,8 +2,10 @@
 evaluation -> the best checkpoint in the server's adapter format.
 
 The best checkpoint (highest primary dev score, then lowest dev loss) is written whenever it improves,
-and rewritten at the end with the run's full history. Its metadata holds the training arguments,
-the step it comes from, wall times and dev scores.
+and rewritten at the end with the run's full history; the run's record (every step's loss, each dev
+evaluation) is also written next to it as training_log.json and training.png (training/plots.py).
+The checkpoint's metadata holds the training arguments, the step it comes from, wall times and dev
+scores.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from training.evaluate import eval_examples, evaluate
 from training.loop import TrainConfig, TrainLog, mean_loss, train_loop
 from training.metrics import PRIMARY_SCORE
 from training.objective import Objective, frozen_copy, trainable_adapter
+from training.plots import write_training_record
 from training.tasks import TaskSpec, resolve_task
 
 TRAINABLE_VARIANTS = ("prad-pa", "prad-sa", "prad-lora", "pa", "sa", "lora")
@@ -154,7 +157,10 @@ class BestCheckpoint:
                "num_train_tokens": log.num_tokens, "first_losses": [round(x, 4) for x in log.losses[:5]],
                "last_losses": [round(x, 4) for x in log.losses[-5:]], "history": self.history}
         version = self._save(None, run)
-        return {"out": str(self.args.out), "version": version, "task": self.spec.name, "best": self.best, **run}
+        written = write_training_record(Path(self.args.out), self.spec.name, PRIMARY_SCORE[self.spec.metric],
+                                        log.losses, self.history)
+        return {"out": str(self.args.out), "version": version, "task": self.spec.name, "best": self.best,
+                "record": [str(p) for p in written], **run}
 
     def _save(self, step: int | None, run: dict[str, Any] | None = None) -> str:
         if step is not None:

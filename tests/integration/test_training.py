@@ -65,6 +65,10 @@ def test_a_few_steps_lower_the_loss_and_save_in_server_format(trained, smollm2) 
     objective = Objective(smollm2.model)
     before, after = mean_loss(objective, None, examples, 8), mean_loss(objective, adapter, examples, 8)
     assert after < 0.5 * before, (before, after)
+    record = json.loads((adapters / TASK / "training_log.json").read_text())
+    assert len(record["losses"]) == 4 and record["primary_score"] == "accuracy"
+    assert [h["step"] for h in record["history"]] == [4] and "accuracy" in record["history"][0]["scores"]
+    assert (adapters / TASK / "training.png").stat().st_size > 0 and len(summary["record"]) == 2
 
 
 def test_served_answers_equal_reference_and_eval(trained, smollm2) -> None:

@@ -131,3 +131,11 @@ def test_linear_schedule_warms_up_then_decays_to_zero() -> None:
     assert values[0] > 0 and values[9] < 1 and values[10] == 1.0
     assert all(a <= b for a, b in itertools.pairwise(values[:11]))
     assert all(a >= b for a, b in itertools.pairwise(values[10:])) and values[-1] == pytest.approx(1 / 90)
+
+
+def test_smoothed_is_a_trailing_mean() -> None:
+    from training.plots import smoothed
+
+    assert smoothed([4.0, 2.0, 0.0, 2.0], 2) == [4.0, 3.0, 1.0, 1.0]
+    assert smoothed([1.0, 3.0], 5) == [1.0, 2.0]
+    assert smoothed([], 3) == []
