@@ -133,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=64, help="server: decode rows per step (its default 64)")
     p.add_argument("--max-prefill-tokens", type=int, default=2048,
                    help="server: prompt tokens per prefill pass (its default 2048)")
+    p.add_argument("--mixed-prefill-tokens", type=int, default=0,
+                   help="server: prompt tokens each decode step computes in its own pass (0 = off, its default)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--model", default=None, help="a local HF model directory (default: the embedded SmolLM2)")
@@ -293,7 +295,7 @@ def serve_settings(args: argparse.Namespace, adapters: Path) -> ServeSettings:
     return ServeSettings(adapters=adapters, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
                          max_prefill_tokens=args.max_prefill_tokens, max_waiting=max(256, args.requests),
                          max_loaded_adapters=max(64, args.tasks), request_timeout_s=LOAD_TIMEOUT_S,
-                         log_level="warning")
+                         mixed_prefill_tokens=args.mixed_prefill_tokens, log_level="warning")
 
 
 def measure(app: Any, job: dict[str, Any], args: argparse.Namespace, rate: float, fraction: float | None,

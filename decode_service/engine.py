@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from prad.loading import LoadedModel
 from prad.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams, sample_batch, sample_one
 from serving.engine_loop import DEFAULT_STALL_TIMEOUT_S, EngineLoop
 from serving.metrics import Metrics
+from serving.mixing import ChunkSource, ChunkWork
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class DecodeConfig:
     # auto: static step + CUDA graphs on CUDA, CPU backend on CPU; off: no graphs (eager reference step on
     # CUDA); static: static step without graphs on any device (decode_service/runner.choose_step_backend)
     decode_graphs: str = "auto"
+    # role all: prompt tokens each step computes in its own pass for a prefill engine (serving/mixing.py)
+    mixed_prefill_tokens: int = 0
 
 
 @dataclass(kw_only=True)
@@ -76,6 +80,8 @@ class DecodeEngine(EngineLoop[ScheduleOutput[Sequence], list[Sequence], Tokens],
         self._by_id: dict[str, Sequence] = {}
         c = loaded.config
         self.num_steps = 0
+        self.chunk_source: ChunkSource | None = None  # role all with mixed_prefill_tokens (serving/mixing.py)
+        self.on_idle: Callable[[], None] | None = None  # called when a step leaves no request running
         self.expected_layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, str(loaded.model.dtype)
                                         .removeprefix("torch."), 0)
 
@@ -152,6 +158,9 @@ class DecodeEngine(EngineLoop[ScheduleOutput[Sequence], list[Sequence], Tokens],
             self._run(running)
         with self._lock:
             self._observe(self.scheduler.num_running)  # gauges stay true when the loop goes idle
+            is_idle = self.scheduler.num_running == 0
+        if is_idle and self.on_idle is not None:
+            self.on_idle()
 
     def _admit(self, admitted: list[Sequence]) -> None:
         """Copy each admitted request's KV into its row; a request that cannot be admitted fails alone."""
@@ -168,12 +177,47 @@ class DecodeEngine(EngineLoop[ScheduleOutput[Sequence], list[Sequence], Tokens],
                 self._move_kv(moves)
             seq.kv = None  # the cache holds it now (or it failed)
 
+    def is_decoding(self) -> bool:
+        """Whether requests are running (read without the lock: a hint for a prefill engine)."""
+        return self.scheduler.num_running > 0
+
     def _execute(self, running: list[Sequence]) -> Tokens:
+        ids, positions = [s.output_token_ids[-1] for s in running], [s.last_position for s in running]
+        work = self._take_chunks()
+        chunk_logits: torch.Tensor | None = None
+        failure: Exception | None = None
         with self.compute_lock:
-            logits = self.runner.decode([s.output_token_ids[-1] for s in running],
-                                        [s.last_position for s in running])
+            if work is not None:
+                try:
+                    logits, chunk_logits = self.runner.decode_mixed(ids, positions, work.chunks)
+                except Exception as e:  # the chunks go back to prefill; the rows are stepped alone
+                    failure = e
+            if chunk_logits is None:
+                logits = self.runner.decode(ids, positions)
+        if work is not None:
+            self._finish_chunks(work, chunk_logits, failure)
         self.num_steps += 1
         return self._sample(logits, running)
+
+    def _take_chunks(self) -> ChunkWork | None:
+        budget = self.config.mixed_prefill_tokens
+        if self.chunk_source is None or budget <= 0:
+            return None
+        try:
+            return self.chunk_source(budget)
+        except Exception:  # prefill's own passes take them once decode is idle
+            log.exception("taking prompt chunks for a decode step failed")
+            return None
+
+    @staticmethod
+    def _finish_chunks(work: ChunkWork, logits: torch.Tensor | None, failure: Exception | None) -> None:
+        try:
+            if logits is not None:
+                work.done(logits)
+            else:
+                work.failed(failure or RuntimeError("no logits"))
+        except Exception:
+            log.exception("finishing the prompt chunks of a decode step failed")
 
     def _sample(self, logits: torch.Tensor, running: list[Sequence]) -> Tokens:
         """One token per row, or the exception that row raised (sampled alone after a batch failure)."""

@@ -17,6 +17,7 @@ import logging
 import torch
 
 from prad.cpu_decode import CpuStepBackend
+from prad.cpu_decode.mixed import PromptChunks
 from prad.cuda_graphs import GraphStats
 from prad.decode_step import ReferenceStep, StepBackend
 from prad.model import Model
@@ -91,6 +92,18 @@ class DecodeRunner:
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move_row(src, dst, length)
+
+    @property
+    def can_mix(self) -> bool:
+        """Whether a step can compute prompt chunks in its own pass (the CPU backend)."""
+        return isinstance(self.backend, CpuStepBackend)
+
+    def decode_mixed(self, token_ids: list[int], positions: list[int], chunks: PromptChunks) -> \
+            tuple[torch.Tensor, torch.Tensor]:
+        """`decode`, computing `chunks` in the same pass; (decode logits [B, V], chunk logits [R, V])."""
+        assert isinstance(self.backend, CpuStepBackend), "only the CPU backend mixes prompt chunks in"
+        ids, pos = torch.tensor(token_ids), torch.tensor(positions)
+        return self.backend.mixed_step(ids, pos, self.cache.rows(len(token_ids)), chunks)
 
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One step for rows [0, B): feed each row's newest token at its position; logits [B, V]

@@ -107,7 +107,8 @@ def replica_name(settings: ServeSettings) -> str:
 def _decode_engine(settings: ServeSettings, loaded: LoadedModel, lock: AbstractContextManager[object] | None,
                    metrics: Metrics, life: Lifecycle) -> DecodeEngine:
     engine = DecodeEngine(loaded, DecodeConfig(settings.max_batch_size, _max_seq_len(settings, loaded),
-                                               settings.kv_budget, settings.max_waiting, settings.decode_graphs),
+                                               settings.kv_budget, settings.max_waiting, settings.decode_graphs,
+                                               settings.mixed_prefill_tokens),
                           lock, metrics, settings.engine_stall_timeout_s)
     life.starts.append(engine.start)
     life.stops.append(engine.stop)
@@ -262,7 +263,21 @@ def build_app(settings: ServeSettings, loaded: LoadedModel | None = None) -> Fas
         sender = _LazySender(lambda: make_sender(settings))
     app = _front_door(settings, loaded, sender, lock, metrics, life)
     app.state.engines["decode"] = engine
+    _mix_prompts_into_decode(settings, life.engines["prefill"], engine)
     return app
+
+
+def _mix_prompts_into_decode(settings: ServeSettings, prefill: EngineLoop, decode: DecodeEngine) -> None:
+    """--mixed-prefill-tokens: decode steps compute waiting prompt chunks while requests decode, and the
+    prefill engine runs its own passes only while decode is idle (serving/mixing.py)."""
+    if settings.mixed_prefill_tokens <= 0:
+        return
+    if not decode.runner.can_mix or not isinstance(prefill, PrefillEngine):
+        log.warning("--mixed-prefill-tokens needs the CPU decode step; prompts get passes of their own")
+        return
+    decode.chunk_source = prefill.take_chunks
+    decode.on_idle = prefill.wake
+    prefill.decode_is_busy = decode.is_decoding
 
 
 class _LazySender(KVSender):

@@ -65,6 +65,10 @@ class ServeSettings(BaseSettings):
                                                             "CPU backend on cpu); off = no graphs (the eager "
                                                             "step); static = static shapes, no graphs")
     max_prefill_tokens: int = Field(default=2048, ge=16, description="prompt tokens per prefill pass")
+    mixed_prefill_tokens: int = Field(default=0, ge=0, description="role all on a CPU: while requests are "
+                                      "decoding, each decode step also computes up to this many waiting prompt "
+                                      "tokens in its own pass (one weight read for both), instead of separate "
+                                      "prefill passes stalling every stream; 0 = off")
     max_waiting: int = Field(default=256, ge=1, description="queued requests per service before 429")
     max_loaded_adapters: int = Field(default=64, ge=1, description="adapters kept in memory (LRU) per prefill")
     prefix_cache_mb: int = Field(default=256, ge=0, description="prefill: MiB of prompt KV kept for later prompts "

@@ -101,11 +101,8 @@ class Model:
         h = F.embedding(token_ids, w.embed)
         if w.pos_embed is not None:
             h = h + F.embedding(positions, w.pos_embed)
-        num_keys = int(positions.max()) + 1
-        # mask: [B, 1, T, S]; causal by position, so padding and earlier chunks need nothing more.
-        key_pos = torch.arange(num_keys, device=positions.device)
-        mask = key_pos[None, None, None, :] <= positions[:, None, :, None]
-        rope = self._rope_at(positions)
+        mask = self.causal_mask(positions)
+        rope = self.rope_at(positions)
         for i, lw in enumerate(w.layers):
             h = h + self._attention(i, lw, self._norm(h, lw.attn_norm_w, lw.attn_norm_b), positions,
                                     kv, mask, rope, hooks)
@@ -122,13 +119,6 @@ class Model:
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.config.norm_eps)
         return rms_norm(x, weight, self.config.norm_eps)
 
-    def _rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.rope is None:
-            return None
-        cos, sin = self.rope
-        # [B, 1, T, D] to broadcast over heads
-        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-
     def _attention(
         self,
         layer: int,
@@ -140,11 +130,21 @@ class Model:
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         hooks: AdapterHooks | None,
     ) -> torch.Tensor:
-        c = self.config
-        bsz, seq_len, _ = x.shape
         qkv = F.linear(x, lw.qkv_w, lw.qkv_b)
         if hooks is not None:
             qkv = hooks.adapt_qkv(layer, x, qkv)
+        a = self.attend(layer, qkv, positions, kv, mask, rope)
+        o = F.linear(a, lw.o_w, lw.o_b)
+        if hooks is not None:
+            o = hooks.adapt_o(layer, a, o)
+        return o
+
+    def attend(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor, kv: KVCache | None, mask: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """qkv [B, T, q + 2 kv features] -> attention output [B, T, q_size]: RoPE on q and k, this call's
+        K/V written into `kv` at `positions`, then each query over the keys the mask lets it see."""
+        c = self.config
+        bsz, seq_len, _ = qkv.shape
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(bsz, seq_len, c.num_heads, c.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(bsz, seq_len, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
@@ -159,11 +159,20 @@ class Model:
             q, keys, values, attn_mask=mask, scale=1.0 / math.sqrt(c.head_dim),
             enable_gqa=c.num_kv_heads != c.num_heads,
         )
-        a = a.transpose(1, 2).reshape(bsz, seq_len, c.q_size)
-        o = F.linear(a, lw.o_w, lw.o_b)
-        if hooks is not None:
-            o = hooks.adapt_o(layer, a, o)
-        return o
+        return a.transpose(1, 2).reshape(bsz, seq_len, c.q_size)
+
+    def causal_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, S] for rows of `positions` [B, T]: a query sees the keys at positions <= its own (so
+        padding and earlier chunks need nothing more); S = max position + 1."""
+        key_pos = torch.arange(int(positions.max()) + 1, device=positions.device)
+        return key_pos[None, None, None, :] <= positions[:, None, :, None]
+
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin at `positions` [B, T] as [B, 1, T, D] (broadcast over heads); None without RoPE."""
+        if self.rope is None:
+            return None
+        cos, sin = self.rope
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
     def _mlp(self, layer: int, lw: LayerWeights, z: torch.Tensor, hooks: AdapterHooks | None) -> torch.Tensor:
         if self.config.family == "llama":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from kv_transfer.base import EventSink, KVSender, KVStream, TokenEvent
 from kv_transfer.handoff import KVHandoff, KVLayout
 from kv_transfer.outcome import ErrorKind, FinishReason, error_kind, refusal_message
 from prad.adapters import Adapter
+from prad.cpu_decode.mixed import PromptChunks
 from prad.loading import LoadedModel
 from prad.sampling import SamplingParams, sample_one
 from prefill_service.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache
@@ -76,6 +78,9 @@ class PrefillEngine(EngineLoop[PrefillBatch[PrefillRequest], PrefillBatch[Prefil
         super().__init__(stall_timeout_s)
         self._by_id: dict[str, PrefillRequest] = {}
         self.num_steps = 0
+        # Role all with prompt chunks mixed into decode steps: while this says decode is busy, the chunks
+        # go with its steps (take_chunks) and this loop runs no pass of its own.
+        self.decode_is_busy: Callable[[], bool] | None = None
 
     def submit(self, request: PrefillRequest, sink: EventSink) -> None:
         """Queue a request whose events go to `sink`; raises QueueFullError when the queue is at its
@@ -102,12 +107,31 @@ class PrefillEngine(EngineLoop[PrefillBatch[PrefillRequest], PrefillBatch[Prefil
         with self._lock:
             return {"num_waiting": self.scheduler.num_waiting, "num_steps": self.num_steps}
 
+    def wake(self) -> None:
+        """Look for work again (decode went idle: this loop's own passes may run)."""
+        with self._lock:
+            self._lock.notify_all()
+
+    def take_chunks(self, max_tokens: int) -> MixedChunks | None:
+        """Up to `max_tokens` prompt tokens for a decode step to compute in its own pass (role all), or None
+        when nothing waits. The caller reports back with MixedChunks.done or .failed."""
+        with self._lock:
+            if not self.scheduler.has_schedulable():
+                return None
+            batch = self._schedule(max_tokens)
+        if not batch.chunks:
+            return None
+        inputs = self._inputs(batch)
+        return MixedChunks(self, batch, inputs, self.runner.prompt_chunks(inputs))
+
     # --- the loop's steps ------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting)
+        if self.decode_is_busy is not None and self.decode_is_busy():
+            return False  # its steps take the chunks
+        return self.scheduler.has_schedulable()
 
-    def _schedule(self) -> PrefillBatch[PrefillRequest]:
-        batch = self.scheduler.schedule()
+    def _schedule(self, max_tokens: int | None = None) -> PrefillBatch[PrefillRequest]:
+        batch = self.scheduler.schedule(max_tokens)
         for request in batch.aborted:
             self._by_id.pop(request.request_id, None)
             _emit(request, TokenEvent(request.request_id, [], "", finish_reason=FinishReason.ABORT,
@@ -118,15 +142,19 @@ class PrefillEngine(EngineLoop[PrefillBatch[PrefillRequest], PrefillBatch[Prefil
         if batch.chunks:
             self._run(batch)
 
-    def _execute(self, batch: PrefillBatch[PrefillRequest]) -> list[ChunkOutput]:
+    def _inputs(self, batch: PrefillBatch[PrefillRequest]) -> list[ChunkInput]:
+        """The runner's view of a batch's chunks (and the queue time of requests starting now)."""
         now = time.monotonic()
         for chunk in batch.chunks:
             request = chunk.request
             if request.started_s is None:
                 request.started_s = now
                 self.metrics.queue_s.labels(self.metrics.task(request.task)).observe(now - request.arrived_s)
-        inputs = [ChunkInput(c.request.prompt_token_ids[c.start:c.end], c.start, c.request.adapter,
-                             c.request.past_kv) for c in batch.chunks]
+        return [ChunkInput(c.request.prompt_token_ids[c.start:c.end], c.start, c.request.adapter,
+                           c.request.past_kv) for c in batch.chunks]
+
+    def _execute(self, batch: PrefillBatch[PrefillRequest]) -> list[ChunkOutput]:
+        inputs = self._inputs(batch)
         outputs = self.runner.new_outputs(inputs)
         streams = self._open_streams(batch, outputs)
 
@@ -271,6 +299,30 @@ class PrefillEngine(EngineLoop[PrefillBatch[PrefillRequest], PrefillBatch[Prefil
             self.scheduler.drop(request)
             self._by_id.pop(request.request_id, None)
         _emit(request, TokenEvent.failure(request.request_id, kind, message, len(request.prompt_token_ids)))
+
+
+@dataclass
+class MixedChunks:
+    """Prompt chunks a decode step computes in its own pass (role all): taken from the prefill engine's
+    scheduler by `PrefillEngine.take_chunks`, finished by `done` (the step's logits for them) or, when the
+    step failed, by `failed` (they are computed again in a pass of their own)."""
+
+    engine: PrefillEngine
+    batch: PrefillBatch[PrefillRequest]
+    inputs: list[ChunkInput]
+    chunks: PromptChunks  # what the decode step computes; their K/V land in chunks.kv
+
+    def done(self, logits: torch.Tensor) -> None:
+        self.engine.num_steps += 1
+        self.engine._update(self.batch, self.engine.runner.chunk_outputs(self.inputs, self.chunks, logits))
+
+    def failed(self, error: Exception) -> None:
+        """Run the chunks in a pass of their own: the mixed pass's failure need not be theirs (a chunk whose
+        own pass fails then fails alone, as in any failed pass)."""
+        log.warning("a decode step mixing %d prompt chunks failed (%s); computing them apart",
+                    len(self.batch.chunks), error)
+        self.engine.metrics.step_failures.labels("prefill").inc()
+        self.engine._run(self.batch)
 
 
 # the `reason` label of prad:kv_transfer_failures_total, by kind of refusal

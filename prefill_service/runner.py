@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from prad.adapters import Adapter, RowAdapters
+from prad.cpu_decode.mixed import PromptChunks
 from prad.model import Model
 
 
@@ -71,6 +72,28 @@ class PrefillRunner:
         logits = self.model.forward(ids.to(device), positions.to(device), kv, hooks,
                                     logit_index=torch.tensor(lengths, device=device) - 1, on_layer=layer_done)
         return [ChunkOutput(out, logits[i]) for i, out in enumerate(outs)]
+
+    def prompt_chunks(self, chunks: list[ChunkInput]) -> PromptChunks:
+        """`chunks` as a decode step computes them in its own pass (role all; prad/cpu_decode/mixed.py): a KV
+        cache holding each chunk's earlier KV, and the rows' adapters over the padded [R, T] layout."""
+        lengths = [len(c.token_ids) for c in chunks]
+        width = max(lengths)
+        kv = self.model.new_kv_cache(len(chunks), max(c.start for c in chunks) + width)
+        for i, c in enumerate(chunks):
+            if c.past_kv is not None:
+                kv.insert(i, c.past_kv)
+        adapters = [c.adapter for c in chunks]
+        hooks = None
+        if any(a is not None for a in adapters):
+            prompt_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).float()
+            hooks = self.row_adapters(adapters, prompt_mask.to(self.model.device))
+        return PromptChunks([c.token_ids for c in chunks], [c.start for c in chunks], kv, hooks)
+
+    @staticmethod
+    def chunk_outputs(chunks: list[ChunkInput], computed: PromptChunks, logits: torch.Tensor) -> list[ChunkOutput]:
+        """What `run` returns, from chunks a decode step computed (their KV is in computed.kv)."""
+        return [ChunkOutput(computed.kv.extract(i, c.start + len(c.token_ids)), logits[i])
+                for i, c in enumerate(chunks)]
 
     def row_adapters(self, adapters: list[Adapter | None], prompt_mask: torch.Tensor) -> RowAdapters:
         """The batch's per-row adapter hooks; prompt_mask [B, T] is 1 on each row's prompt tokens."""

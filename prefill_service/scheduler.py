@@ -33,6 +33,7 @@ class ScheduledRequest:
     num_computed_tokens: int = 0  # prompt tokens whose KV exists already (earlier chunks)
     status: PrefillStatus = PrefillStatus.WAITING
     is_abort_requested: bool = False
+    is_scheduled: bool = False  # a chunk of it is being computed (not offered again until updated)
 
     @property
     def num_remaining_tokens(self) -> int:
@@ -78,6 +79,10 @@ class PrefillScheduler(Generic[R]):
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def has_schedulable(self) -> bool:
+        """Whether some waiting request has no chunk being computed (or an abort to deliver)."""
+        return any(not r.is_scheduled or r.is_abort_requested for r in self.waiting)
+
     def add(self, request: R) -> None:
         if not request.prompt_token_ids:
             raise ValueError("empty prompt")
@@ -85,16 +90,22 @@ class PrefillScheduler(Generic[R]):
             raise QueueFullError(f"prefill queue full ({self.max_waiting} waiting)")
         self.waiting.append(request)
 
-    def schedule(self) -> PrefillBatch[R]:
+    def schedule(self, max_tokens: int | None = None) -> PrefillBatch[R]:
+        """The next pass: aborted requests out, then waiting ones FIFO under the token budget
+        (`max_tokens` when given, at most max_prefill_tokens), the last one chunked to fit; requests
+        with a chunk being computed elsewhere are skipped."""
         batch: PrefillBatch[R] = PrefillBatch()
-        for request in [r for r in self.waiting if r.is_abort_requested]:
+        for request in [r for r in self.waiting if r.is_abort_requested and not r.is_scheduled]:
             self.waiting.remove(request)
             request.status = PrefillStatus.ABORTED
             batch.aborted.append(request)
-        budget = self.max_prefill_tokens
+        budget = self.max_prefill_tokens if max_tokens is None else max(1, min(max_tokens, self.max_prefill_tokens))
         for request in self.waiting:
             if budget == 0 or len(batch.chunks) == self.max_batch_size:
                 break
+            if request.is_scheduled:  # being computed by another pass (a decode step's, role all)
+                continue
+            request.is_scheduled = True
             take = min(request.num_remaining_tokens, budget)
             batch.chunks.append(PrefillChunk(request, request.num_computed_tokens,
                                              request.num_computed_tokens + take))
@@ -105,6 +116,7 @@ class PrefillScheduler(Generic[R]):
         """Remove a request that failed (no-op if it already left the queue)."""
         if request in self.waiting:
             self.waiting.remove(request)
+        request.is_scheduled = False
         request.status = PrefillStatus.ABORTED
 
     def drop_all(self) -> list[R]:
@@ -119,6 +131,7 @@ class PrefillScheduler(Generic[R]):
         """Record the step's progress; returns requests whose prompt is now complete (dequeued)."""
         done = []
         for chunk in batch.chunks:
+            chunk.request.is_scheduled = False
             chunk.request.num_computed_tokens = chunk.end
             if chunk.is_last:
                 chunk.request.status = PrefillStatus.DONE

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from prad.cpu_decode.mixed import PromptChunks, mixed_step
 from prad.cpu_decode.ops import choose_ops
 from prad.cpu_decode.step import feature_major_step
 from prad.decode_step import StepBackend
@@ -37,6 +38,13 @@ class CpuStepBackend(StepBackend):
     @torch.inference_mode()
     def step(self, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:
         return feature_major_step(self.model, self.ops, token_ids, positions, kv)
+
+
+    @torch.inference_mode()
+    def mixed_step(self, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
+                   chunks: PromptChunks) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step`, computing `chunks` in the same pass (prad/cpu_decode/mixed.py)."""
+        return mixed_step(self.model, self.ops, token_ids, positions, kv, chunks)
 
 
 @torch.inference_mode()

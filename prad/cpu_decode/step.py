@@ -43,7 +43,7 @@ def feature_major_step(model: Model, ops: StepOps, token_ids: torch.Tensor, posi
     [B, 1, features] views, as in `Model.forward`."""
     w, c = model.weights, model.config
     bsz = token_ids.shape[0]
-    h = _columns(w.embed[token_ids].t(), padded_columns(bsz, ops.pads_one_row))  # [d, P]
+    h = pad_columns(w.embed[token_ids].t(), padded_columns(bsz, ops.pads_one_row))  # [d, P]
     if w.pos_embed is not None:
         h[:, :bsz] += w.pos_embed[positions].t()
     attend = ops.attention(positions)
@@ -53,7 +53,7 @@ def feature_major_step(model: Model, ops: StepOps, token_ids: torch.Tensor, posi
     for i, lw in enumerate(w.layers):
         a = _attention(c, i, lw, x, bsz, kv, attend, ops.linear, hooks)
         h, z = ops.add_norm(h, a, lw.mlp_norm_w, lw.mlp_norm_b)
-        y = _mlp(c, lw, z, ops)
+        y = mlp(c, lw, z, ops)
         if hooks is not None:
             y = _token_major(hooks.adapt_mlp, i, z, y, bsz)
         following = w.layers[i + 1] if i + 1 < len(w.layers) else None
@@ -72,19 +72,19 @@ def _attention(c: ModelConfig, layer: int, lw: LayerWeights, x: torch.Tensor, bs
     q, k, v = qkv[:, :bsz].split([c.q_size, c.kv_size, c.kv_size], dim=0)
     a = attend(layer, q.view(c.num_heads, c.head_dim, bsz), k.view(c.num_kv_heads, c.head_dim, bsz),
                v.view(c.num_kv_heads, c.head_dim, bsz), kv)  # [q_size, B]
-    a = _columns(a, x.shape[1])  # [q_size, P]
+    a = pad_columns(a, x.shape[1])  # [q_size, P]
     o = linear(lw.o_w, a, lw.o_b)
     return o if hooks is None else _token_major(hooks.adapt_o, layer, a, o, bsz)
 
 
-def _mlp(c: ModelConfig, lw: LayerWeights, z: torch.Tensor, ops: StepOps) -> torch.Tensor:
+def mlp(c: ModelConfig, lw: LayerWeights, z: torch.Tensor, ops: StepOps) -> torch.Tensor:
     if c.family == "llama":
         return ops.linear(lw.mlp_out_w, ops.silu_mul(ops.linear(lw.mlp_in_w, z, None)), None)
     hidden = F.gelu(ops.linear(lw.mlp_in_w, z, lw.mlp_in_b), approximate="tanh")
     return ops.linear(lw.mlp_out_w, hidden, lw.mlp_out_b)
 
 
-def _columns(x: torch.Tensor, num_columns: int) -> torch.Tensor:
+def pad_columns(x: torch.Tensor, num_columns: int) -> torch.Tensor:
     """x [features, B] as a contiguous [features, num_columns] tensor, zero past column B."""
     if x.shape[1] == num_columns:
         return x.contiguous()

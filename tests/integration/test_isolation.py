@@ -211,7 +211,7 @@ def test_a_dead_engine_fails_its_requests_refuses_new_ones_and_fails_healthz(smo
         prefill: PrefillEngine = app.state.engines["prefill"]
         gate = threading.Event()
 
-        def crash():
+        def crash(*_args: object) -> None:
             gate.wait(TIMEOUT_S)
             raise RuntimeError("injected loop bug")
 

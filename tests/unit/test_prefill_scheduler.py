@@ -198,3 +198,29 @@ def test_chunk_is_last_and_remaining_tokens() -> None:
     assert PrefillChunk(req, 4, 5).is_last
     req.num_computed_tokens = 3
     assert req.num_remaining_tokens == 2
+
+
+def test_a_request_being_computed_is_not_scheduled_again_until_updated() -> None:
+    """Two passes may draw from one queue (a decode step mixing prompt chunks, and prefill's own pass):
+    neither gets a chunk of a request the other is computing, and a budget caps one pass."""
+    sched = PrefillScheduler(max_prefill_tokens=64, max_batch_size=8, max_waiting=8)
+    for rid, n in (("a", 40), ("b", 10), ("c", 5)):
+        sched.add(_req(rid, n))
+    mixed = sched.schedule(max_tokens=16)
+    assert _spans(mixed) == [("a", 0, 16, False)]
+    assert sched.has_schedulable()
+    own = sched.schedule()
+    assert _spans(own) == [("b", 0, 10, True), ("c", 0, 5, True)]  # not "a": its chunk is in flight
+    assert not sched.has_schedulable() and sched.schedule().chunks == []
+    sched.update(mixed)
+    sched.update(own)
+    assert _spans(sched.schedule()) == [("a", 16, 40, True)]
+
+
+def test_a_dropped_request_is_no_longer_in_flight() -> None:
+    sched = PrefillScheduler(max_prefill_tokens=64, max_batch_size=8, max_waiting=8)
+    request = _req("a", 8)
+    sched.add(request)
+    sched.schedule()
+    sched.drop(request)
+    assert not request.is_scheduled and request.status is PrefillStatus.ABORTED and not sched.waiting
