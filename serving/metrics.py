@@ -111,7 +111,8 @@ class Metrics:
         self.request_errors = Counter("prad:request_errors", "Failed requests", ("task", "kind"), registry=r)
         self.kv_transfer_bytes = Counter("prad:kv_transfer_bytes", "KV bytes handed to decode", ("transport",),
                                          registry=r)
-        self.kv_transfer_s = Histogram("prad:kv_transfer_latency_seconds", "Handoff send time", ("transport",),
+        self.kv_transfer_s = Histogram("prad:kv_transfer_latency_seconds", "Time prefill spends handing a request "
+                                       "over after its last pass (a streamed handoff: its trailer)", ("transport",),
                                        buckets=LATENCY_BUCKETS_S, registry=r)
         self.kv_transfer_failures = Counter("prad:kv_transfer_failures", "Failed handoffs", ("transport", "reason"),
                                             registry=r)
