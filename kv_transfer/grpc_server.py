@@ -29,11 +29,10 @@ from kv_transfer.protos import kv_handoff_pb2_grpc as pb_grpc
 from kv_transfer.wire import (
     STREAMED_FORMAT_VERSION,
     KVLimits,
-    apply_trailer,
+    KVReceived,
     check_header,
     event_to_proto,
     handoff_from_proto,
-    kv_checksum,
     parse_header,
 )
 
@@ -137,33 +136,27 @@ async def _read_handoff(requests: AsyncIterator[pb.DecodeRequest], limits: KVLim
         tuple[pb.HandoffHeader | None, bytearray, int]:
     """The header and KV bytes of one call; HandoffError for a header outside `limits` (before any KV
     is read) or a stream that does not deliver exactly the bytes it announced."""
-    data = bytearray()
     try:
         first = await requests.__anext__()
     except StopAsyncIteration:
-        return None, data, 0
+        return None, bytearray(), 0
     if first.WhichOneof("kind") != "header":
         raise HandoffError("the stream must start with a handoff header")
     header = parse_header(first.header.SerializeToString())
     check_header(header, limits)
-    crc = 0
-    while len(data) < header.num_kv_bytes:
+    received = KVReceived(header)
+    while not received.is_complete:
         try:
             msg = await requests.__anext__()
         except StopAsyncIteration:
-            raise HandoffError(f"stream ended after {len(data)} of {header.num_kv_bytes} KV bytes") from None
+            raise HandoffError(f"stream ended after {len(received.data)} of {header.num_kv_bytes} KV bytes") \
+                from None
         kind = msg.WhichOneof("kind")
         if kind == "cancel":
-            return None, data, 0
+            return None, received.data, 0
         if kind != "chunk":
             raise HandoffError(f"unexpected {kind!r} message while receiving KV")
-        piece = msg.chunk.data
-        if len(data) + len(piece) > header.num_kv_bytes:
-            raise HandoffError(f"received more KV bytes than the {header.num_kv_bytes} announced")
-        crc = kv_checksum(piece, crc)  # checked as it arrives: no second pass over the KV
-        data += piece
-    if len(data) != header.num_kv_bytes:
-        raise HandoffError(f"received {len(data)} KV bytes, header announced {header.num_kv_bytes}")
+        received.add(msg.chunk.data)
     if header.format_version == STREAMED_FORMAT_VERSION:  # the first token and checksum come last
         try:
             msg = await requests.__anext__()
@@ -171,11 +164,11 @@ async def _read_handoff(requests: AsyncIterator[pb.DecodeRequest], limits: KVLim
             raise HandoffError("stream ended after the KV, before its trailer") from None
         kind = msg.WhichOneof("kind")
         if kind == "cancel":
-            return None, data, 0
+            return None, received.data, 0
         if kind != "trailer":
             raise HandoffError(f"expected the handoff trailer after the KV, got {kind!r}")
-        header = apply_trailer(header, msg.trailer)
-    return header, data, crc
+        header = received.finish(msg.trailer)
+    return header, received.data, received.crc
 
 
 async def _watch_cancel(requests: AsyncIterator[pb.DecodeRequest], abort: Callable[[], None]) -> None:

@@ -28,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import redis
@@ -42,11 +42,10 @@ from kv_transfer.redis_sender import connect
 from kv_transfer.wire import (
     STREAMED_FORMAT_VERSION,
     KVLimits,
-    apply_trailer,
+    KVReceived,
     check_header,
     event_to_proto,
     handoff_from_proto,
-    kv_checksum,
     parse_header,
     parse_trailer,
 )
@@ -62,25 +61,12 @@ MAX_TAKEOVER = 64  # abandoned jobs taken over per heartbeat
 
 @dataclass
 class _Assembly:
-    """A streamed job whose KV is arriving: the bytes so far and their running CRC-32C."""
+    """A streamed job whose KV is arriving, and where its reading stands."""
 
-    header: pb.HandoffHeader
+    received: KVReceived  # its header and the KV bytes so far
     entry_id: bytes  # its entry on the jobs stream
     progress_s: float  # time.monotonic() of the last entry read
     last_id: str = "0"  # last kv_layers entry read
-    data: bytearray = field(default_factory=bytearray)
-    crc: int = 0
-
-    def add(self, piece: bytes) -> None:
-        if len(self.data) + len(piece) > self.header.num_kv_bytes:
-            raise HandoffError(f"received more KV bytes than the {self.header.num_kv_bytes} announced")
-        self.crc = kv_checksum(piece, self.crc)
-        self.data += piece
-
-    def complete(self, trailer: pb.HandoffTrailer) -> pb.HandoffHeader:
-        if len(self.data) != self.header.num_kv_bytes:
-            raise HandoffError(f"trailer after {len(self.data)} of {self.header.num_kv_bytes} KV bytes")
-        return apply_trailer(self.header, trailer)
 
 
 class RedisDecodeWorker:
@@ -232,7 +218,7 @@ class RedisDecodeWorker:
             return
         if header.format_version == STREAMED_FORMAT_VERSION:  # its KV is still coming: the assembler waits
             with self._lock:
-                self._assembling[rid] = _Assembly(header, entry_id, time.monotonic())
+                self._assembling[rid] = _Assembly(KVReceived(header), entry_id, time.monotonic())
                 self._assembled.notify()
             return
         data = self._fetch_kv(rid, entry_id, header.num_kv_bytes)
@@ -284,13 +270,14 @@ class RedisDecodeWorker:
             for entry_id, fields in entries:
                 assembly.last_id = entry_id.decode()
                 assembly.progress_s = time.monotonic()
+                received = assembly.received
                 if b"kv" in fields:
-                    assembly.add(fields[b"kv"])
+                    received.add(fields[b"kv"])
                 elif b"trailer" in fields:
-                    header = assembly.complete(parse_trailer(fields[b"trailer"]))
+                    header = received.finish(parse_trailer(fields[b"trailer"]))
                     with self._lock:
                         self._assembling.pop(rid, None)
-                    self._admit(header, assembly.data, assembly.crc)
+                    self._admit(header, received.data, received.crc)
                     return
         except HandoffError as e:
             with self._lock:

@@ -39,7 +39,7 @@ HandoffError and nothing else, and an announced size is checked against the layo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
 import google_crc32c
@@ -299,6 +299,32 @@ def apply_trailer(header: pb.HandoffHeader, trailer: pb.HandoffTrailer) -> pb.Ha
     done.first_token_id = trailer.first_token_id
     done.checksum = trailer.checksum
     return done
+
+
+@dataclass
+class KVReceived:
+    """A handoff's KV bytes as they arrive, in pieces: each piece is checked against the header's byte
+    count before it is kept, and the CRC-32C runs along (no second pass over the KV)."""
+
+    header: pb.HandoffHeader
+    data: bytearray = field(default_factory=bytearray)
+    crc: int = 0  # of `data` so far
+
+    @property
+    def is_complete(self) -> bool:
+        return len(self.data) == self.header.num_kv_bytes
+
+    def add(self, piece: bytes) -> None:
+        if len(self.data) + len(piece) > self.header.num_kv_bytes:
+            raise HandoffError(f"received more KV bytes than the {self.header.num_kv_bytes} announced")
+        self.crc = kv_checksum(piece, self.crc)
+        self.data += piece
+
+    def finish(self, trailer: pb.HandoffTrailer) -> pb.HandoffHeader:
+        """The header completed by a version-4 handoff's trailer, once every announced byte is here."""
+        if not self.is_complete:
+            raise HandoffError(f"trailer after {len(self.data)} of {self.header.num_kv_bytes} KV bytes")
+        return apply_trailer(self.header, trailer)
 
 
 def parse_trailer(raw: bytes) -> pb.HandoffTrailer:
