@@ -9,6 +9,7 @@ import torch
 
 from prad.adapters import Adapter, RowAdapters
 from prad.cpu_decode.mixed import PromptChunks
+from prad.kv_cache import KVCache
 from prad.model import Model
 
 
@@ -47,16 +48,11 @@ class PrefillRunner:
         # Right-padded batch; padded cells get positions past their row's end, whose keys no real
         # query can see (keys are visible only at positions <= the query's) and whose KV is discarded.
         ids = torch.zeros(len(chunks), width, dtype=torch.long)
-        prompt_mask = torch.zeros(len(chunks), width)
         for i, c in enumerate(chunks):
             ids[i, : lengths[i]] = torch.tensor(c.token_ids)
-            prompt_mask[i, : lengths[i]] = 1.0
         starts = torch.tensor([c.start for c in chunks])
         positions = starts[:, None] + torch.arange(width)[None, :]  # [B, T]
-        kv = self.model.new_kv_cache(len(chunks), int(positions.max()) + 1)
-        for i, c in enumerate(chunks):
-            if c.past_kv is not None:
-                kv.insert(i, c.past_kv)
+        kv = self._cache_with_past(chunks, width)
         outs = self.new_outputs(chunks) if outputs is None else outputs
 
         def layer_done(layer: int) -> None:
@@ -67,27 +63,34 @@ class PrefillRunner:
             if on_layer is not None:
                 on_layer(layer)
 
-        adapters = [c.adapter for c in chunks]
-        hooks = None if all(a is None for a in adapters) else self.row_adapters(adapters, prompt_mask.to(device))
-        logits = self.model.forward(ids.to(device), positions.to(device), kv, hooks,
+        logits = self.model.forward(ids.to(device), positions.to(device), kv, self._hooks(chunks, width),
                                     logit_index=torch.tensor(lengths, device=device) - 1, on_layer=layer_done)
         return [ChunkOutput(out, logits[i]) for i, out in enumerate(outs)]
 
     def prompt_chunks(self, chunks: list[ChunkInput]) -> PromptChunks:
         """`chunks` as a decode step computes them in its own pass (role all; prad/cpu_decode/mixed.py): a KV
         cache holding each chunk's earlier KV, and the rows' adapters over the padded [R, T] layout."""
-        lengths = [len(c.token_ids) for c in chunks]
-        width = max(lengths)
+        width = max(len(c.token_ids) for c in chunks)
+        return PromptChunks([c.token_ids for c in chunks], [c.start for c in chunks],
+                            self._cache_with_past(chunks, width), self._hooks(chunks, width))
+
+    def _cache_with_past(self, chunks: list[ChunkInput], width: int) -> KVCache:
+        """A KV cache with one row per chunk holding its earlier chunks' KV, and room for this pass's
+        `width` (padded) positions after the latest start."""
         kv = self.model.new_kv_cache(len(chunks), max(c.start for c in chunks) + width)
         for i, c in enumerate(chunks):
             if c.past_kv is not None:
                 kv.insert(i, c.past_kv)
+        return kv
+
+    def _hooks(self, chunks: list[ChunkInput], width: int) -> RowAdapters | None:
+        """The chunks' adapters over the right-padded [B, width] layout (None when every row is base)."""
         adapters = [c.adapter for c in chunks]
-        hooks = None
-        if any(a is not None for a in adapters):
-            prompt_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).float()
-            hooks = self.row_adapters(adapters, prompt_mask.to(self.model.device))
-        return PromptChunks([c.token_ids for c in chunks], [c.start for c in chunks], kv, hooks)
+        if all(a is None for a in adapters):
+            return None
+        lengths = torch.tensor([len(c.token_ids) for c in chunks])
+        prompt_mask = (torch.arange(width)[None, :] < lengths[:, None]).float()  # 1 on each row's tokens
+        return self.row_adapters(adapters, prompt_mask.to(self.model.device))
 
     @staticmethod
     def chunk_outputs(chunks: list[ChunkInput], computed: PromptChunks, logits: torch.Tensor) -> list[ChunkOutput]:
