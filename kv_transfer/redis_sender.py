@@ -386,6 +386,9 @@ class _RedisKVStream(KVStream):
                 follow = self.sender._follows.pop(rid, None)
             self.sender._retire(rid, follow.job_id if follow else "")
             return
+        if not self.is_followed():  # refused at the header, aborted or timed out: nobody reads the layers
+            self.stop_writing()
+            return
         entry: dict[FieldT, EncodableT]
         if isinstance(what, pb.HandoffTrailer):
             what.checksum = self.crc
@@ -398,6 +401,17 @@ class _RedisKVStream(KVStream):
         pipe.xadd(keys.kv_layers(rid), entry)
         pipe.pexpire(keys.kv_layers(rid), self.sender.kv_ttl_ms)
         pipe.execute()
+        if not self.is_followed():  # retired while this entry was on its way: it must not outlive the request
+            self.stop_writing()
+
+    def is_followed(self) -> bool:
+        with self.sender._lock:
+            return self.handoff.request_id in self.sender._follows
+
+    def stop_writing(self) -> None:
+        """Drop this stream's later writes and the layers already written (raises redis errors)."""
+        self.is_over = True
+        self.sender.redis.delete(self.sender.keys.kv_layers(self.handoff.request_id))
 
     def fail(self, e: Exception) -> None:
         """A write failed: the request ends with an error (once) and its job is retired."""

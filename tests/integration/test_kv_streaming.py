@@ -102,6 +102,24 @@ def _open(sender: KVSender, whole: KVHandoff, sink: Events) -> KVStream:
     return stream
 
 
+def _refused_at_the_header(sender: KVSender, engine: DecodeEngine, smollm2, request_id: str) -> None:
+    """Stream a KV longer than decode's max_seq_len: refused at its header, once; the layers and trailer sent
+    after the refusal bring no further event."""
+    c = smollm2.config
+    length = engine.config.max_seq_len + 10
+    layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, "float32", length)
+    handoff = KVHandoff(request_id, "base", "base", smollm2.fingerprint, [1] * length, 0, SamplingParams(4),
+                        None, layout, torch.zeros(layout.shape))
+    got = Events()
+    stream = sender.open_stream(handoff, got)
+    assert stream is not None
+    final = got.until_final()[-1]
+    assert final.error_kind is ErrorKind.KV_REJECTED and "max_seq_len" in (final.error or "")
+    _stream_layers(stream, handoff.kv, range(c.num_layers))
+    stream.finish(2)
+    assert got.none_within(0.5)
+
+
 def _idle(engine: DecodeEngine, timeout_s: float = 10) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -153,19 +171,7 @@ def test_grpc_cancelled_stream_leaves_nothing_and_the_request_can_be_sent_again(
 def test_grpc_stream_refused_at_the_header_reports_once(grpc_sender: GrpcSender, engine: DecodeEngine,
                                                        smollm2) -> None:
     """A header over decode's limits is refused before any layer; later layers and finish change nothing."""
-    c = smollm2.config
-    length = engine.config.max_seq_len + 10
-    layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, "float32", length)
-    handoff = KVHandoff("too-long-1", "base", "base", smollm2.fingerprint, [1] * length, 0, SamplingParams(4),
-                        None, layout, torch.zeros(layout.shape))
-    got = Events()
-    stream = grpc_sender.open_stream(handoff, got)
-    assert stream is not None
-    final = got.until_final()[-1]
-    assert final.error_kind is ErrorKind.KV_REJECTED and "max_seq_len" in (final.error or "")
-    _stream_layers(stream, handoff.kv, range(c.num_layers))
-    stream.finish(2)
-    assert got.none_within(0.5)
+    _refused_at_the_header(grpc_sender, engine, smollm2, "too-long-1")
     assert _idle(engine)
 
 
@@ -365,6 +371,19 @@ def test_redis_cancelled_stream_leaves_nothing_and_the_request_can_be_sent_again
     again = Events()
     sender.send(whole, again)
     assert again.until_final()[-1].finish_reason == "length"
+    assert _idle(engine)
+
+
+def test_redis_stream_refused_at_the_header_stops_writing_its_layers(engine: DecodeEngine, redis_pair,
+                                                                     smollm2) -> None:
+    """Once decode refuses the header, the layers that follow are not written: no key outlives the request."""
+    _, sender = redis_pair
+    _refused_at_the_header(sender, engine, smollm2, "r-too-long-1")
+    deadline = time.time() + 10
+    while not sender._outbox.empty() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the writer thread's last item
+    assert _request_keys(sender.url, sender.keys.prefix, "r-too-long-1") == []
     assert _idle(engine)
 
 
