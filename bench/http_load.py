@@ -1,4 +1,4 @@
-"""HTTP load generator for the benchmarks: R streamed `POST /generate` requests sent at once.
+"""HTTP load generator for the benchmarks: R `POST /generate` requests sent at once, streamed or not.
 
 It runs as its own process (`python -m bench.http_load`, one JSON job on stdin, one JSON result on
 stdout), as real clients do: in the server's process the client's Python would hold the GIL the
@@ -10,11 +10,13 @@ client spends is taken from the server it measures. With httpx (one AsyncClient 
 client used ~1.2 s of CPU per 64 x 64-token run, with a shared 64-connection httpx pool more (its
 pool rescans every connection on each request event).
 
-Job: {"url": "http://host:port", "requests": [{"task", "prompt", "prompt_tokens"}], "gen"}.
-Result: {"total_s", "prefill_s", "ttft_s", "client_cpu_s", "tokens": [[ids] per request]}: total
-from just before the requests are sent until the last stream ends; prefill until the last request's
-first token; ttft_s each request's time to its first token; client_cpu_s the load generator's own
-CPU time in that window.
+Job: {"url": "http://host:port", "requests": [{"task", "prompt", "prompt_tokens"}], "gen", "stream"}
+("stream" defaults to true; false sends plain requests, each answered by one JSON body).
+Result: {"total_s", "prefill_s", "ttft_s", "latency_s", "client_cpu_s", "tokens": [[ids] per request]}:
+total from just before the requests are sent until the last response ends; prefill until the last
+request's first token and ttft_s each request's time to its first token (both null without
+streaming: no token arrives before the whole answer); latency_s each request's time to its last
+byte; client_cpu_s the load generator's own CPU time in that window.
 Every request must end with finish_reason "length", `gen` tokens and its expected prompt token count,
 else the process exits non-zero naming the request.
 
@@ -29,7 +31,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -54,8 +56,9 @@ def check_final(task: str, final: dict[str, Any], token_ids: list[int], gen: int
 
 def post_bytes(host: str, path: str, body: dict[str, Any]) -> bytes:
     data = json.dumps(body).encode()
+    accept = "text/event-stream" if body.get("stream") else "application/json"
     head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Accept: text/event-stream\r\nContent-Length: {len(data)}\r\n\r\n")
+            f"Accept: {accept}\r\nContent-Length: {len(data)}\r\n\r\n")
     return head.encode() + data
 
 
@@ -95,21 +98,47 @@ async def stream_one(conn: Connection, host: str, req: Request, gen: int) -> tup
     return first_s, token_ids
 
 
-async def run_load(url: str, requests: list[Request], gen: int) -> dict[str, Any]:
+async def whole_one(conn: Connection, host: str, req: Request, gen: int) -> tuple[None, list[int]]:
+    """One non-streamed request over an open connection; returns (None: no first-token time, its token ids)."""
+    reader, writer = conn
+    body = {"task": req.task, "prompt": req.prompt, "max_new_tokens": gen, "temperature": 0.0,
+            "ignore_eos": True, "stream": False}
+    writer.write(post_bytes(host, "/generate", body))
+    status, headers = await read_head(reader)
+    if "content-length" in headers:
+        text = await reader.readexactly(int(headers["content-length"]))
+    else:
+        text = b"".join([piece async for piece in chunks(reader)])
+    if status != 200:
+        raise RuntimeError(f"task {req.task}: HTTP {status}: {text[:300]!r}")
+    answer = json.loads(text)
+    check_final(req.task, answer, answer["token_ids"], gen, req.prompt_tokens)
+    return None, answer["token_ids"]
+
+
+async def run_load(url: str, requests: list[Request], gen: int, stream: bool = True) -> dict[str, Any]:
     """All requests at once, each over its own connection opened beforehand."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     conns = await asyncio.gather(*(asyncio.open_connection(host, port) for _ in requests))
+    one: Callable[[Connection, str, Request, int], Awaitable[tuple[float | None, list[int]]]] = \
+        stream_one if stream else whole_one
+    start, cpu_start = time.perf_counter(), time.process_time()
+
+    async def timed(conn: Connection, req: Request) -> tuple[float | None, float, list[int]]:
+        first_s, token_ids = await one(conn, parts.netloc, req, gen)
+        return first_s, time.perf_counter(), token_ids
+
     try:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        pairs = zip(conns, requests, strict=True)
-        outs = await asyncio.gather(*(stream_one(conn, parts.netloc, req, gen) for conn, req in pairs))
+        outs = await asyncio.gather(*(timed(conn, req) for conn, req in zip(conns, requests, strict=True)))
         total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         for _, writer in conns:
             writer.close()
-    return {"total_s": total, "prefill_s": max(first for first, _ in outs) - start, "client_cpu_s": cpu,
-            "ttft_s": [first - start for first, _ in outs], "tokens": [ids for _, ids in outs]}
+    firsts = [first - start for first, _, _ in outs if first is not None] if stream else None
+    return {"total_s": total, "prefill_s": max(firsts) if firsts else None, "ttft_s": firsts,
+            "latency_s": [done - start for _, done, _ in outs], "client_cpu_s": cpu,
+            "tokens": [ids for _, _, ids in outs]}
 
 
 async def timed_events(conn: Connection, host: str, req: Request,
@@ -184,14 +213,14 @@ async def run_arrivals(url: str, requests: list[Request], gen: int, arrivals_s: 
             "requests": outs}
 
 
-def parse_job(text: str) -> tuple[str, list[Request], int]:
+def parse_job(text: str) -> tuple[str, list[Request], int, bool]:
     job = json.loads(text)
-    return job["url"], [Request(**r) for r in job["requests"]], int(job["gen"])
+    return job["url"], [Request(**r) for r in job["requests"]], int(job["gen"]), bool(job.get("stream", True))
 
 
 def main() -> None:
-    url, requests, gen = parse_job(sys.stdin.read())
-    json.dump(asyncio.run(run_load(url, requests, gen)), sys.stdout)
+    url, requests, gen, stream = parse_job(sys.stdin.read())
+    json.dump(asyncio.run(run_load(url, requests, gen, stream)), sys.stdout)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ rank `--rank` 16 as in the paper's Table 4, LoRA on q and v with alpha 16). Arms
 * prad-pa-grpc, prad-lora-grpc: the same with role=all, transport=grpc on a free loopback port, so
   every KV handoff is serialised and crosses a real gRPC stream.
 * base: the same embedded server with task "base" (no adapter at all): the floor PrAd should reach.
+* prad-pa-whole, base-whole: prad-pa and base with plain (non-streamed) requests: each client gets
+  one JSON answer when its request ends, so the run has no prefill/decode split.
 * lora-per-task, pa-per-task: conventional LoRA / parallel adapter, the paper's baseline. Each
   task's requests form one batch, tasks run one after another, and the adapter applies to every
   token: prompt and every decode step. Our engine code without the server: Model.forward + KVCache
@@ -98,7 +100,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import httpx
 import torch
@@ -142,9 +144,19 @@ from prad.kv_cache import KVCache
 from prad.loading import LoadedModel
 from prad.model import Model
 
-SERVER_ARMS = {  # arm -> (adapter variant or None for task "base", transport)
-    "prad-pa": ("prad-pa", "inproc"), "prad-lora": ("prad-lora", "inproc"),
-    "prad-pa-grpc": ("prad-pa", "grpc"), "prad-lora-grpc": ("prad-lora", "grpc"), "base": (None, "inproc"),
+
+class ServerArm(NamedTuple):
+    variant: str | None  # adapter variant, None for task "base"
+    transport: str
+    stream: bool = True  # streamed (SSE) requests, else one JSON answer each
+
+
+SERVER_ARMS = {
+    "prad-pa": ServerArm("prad-pa", "inproc"), "prad-lora": ServerArm("prad-lora", "inproc"),
+    "prad-pa-grpc": ServerArm("prad-pa", "grpc"), "prad-lora-grpc": ServerArm("prad-lora", "grpc"),
+    "base": ServerArm(None, "inproc"),
+    "prad-pa-whole": ServerArm("prad-pa", "inproc", stream=False),
+    "base-whole": ServerArm(None, "inproc", stream=False),
 }
 LOOP_ARMS = {  # arm -> (conventional variant or None, per task?)
     "lora-per-task": ("lora", True), "pa-per-task": ("pa", True), "lora-mixed": ("lora", False),
@@ -323,17 +335,19 @@ def metrics_delta(before: dict[str, tuple[float, float]], after: dict[str, tuple
     return out
 
 
-def http_run(url: str, tasks: list[str], work: Workload) -> RunTiming:
+def http_run(url: str, tasks: list[str], work: Workload, stream: bool = True) -> RunTiming:
     """One run of the load generator (bench/http_load.py, in its own process, as clients are) against
-    the server at `url`; the server's /metrics scraped before and after."""
-    job = {"url": url, "gen": work.gen,
+    the server at `url`; the server's /metrics scraped before and after. Without streaming, no phase
+    split (prefill_s and decode_s None)."""
+    job = {"url": url, "gen": work.gen, "stream": stream,
            "requests": [{"task": task, "prompt": work.texts[i], "prompt_tokens": len(work.prompt_ids[i])}
                         for i, task in enumerate(tasks)]}
     before = parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
     out = run_http_load(job, LOAD_TIMEOUT_S)
     after = parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
-    return RunTiming(out["total_s"], out["prefill_s"], out["total_s"] - out["prefill_s"], out["tokens"],
-                     metrics_delta(before, after))
+    prefill_s = out["prefill_s"]
+    decode_s = None if prefill_s is None else out["total_s"] - prefill_s
+    return RunTiming(out["total_s"], prefill_s, decode_s, out["tokens"], metrics_delta(before, after))
 
 
 # --- conventional adapters in our engine -------------------------------------------------------------
@@ -554,13 +568,13 @@ class ArmRunners:
     def runner(self, arm: str, work: Workload | None = None) -> Callable[[int], RunTiming]:
         work = work or self.work
         if arm in SERVER_ARMS:
-            variant, transport = SERVER_ARMS[arm]
+            variant, transport, stream = SERVER_ARMS[arm]
             url = self.url(transport)
             names = self.adapters.served[variant] if variant else None
 
             def run_server(n: int) -> RunTiming:
                 tasks = [names[t] if names else "base" for t in work.task_of(n)]
-                return http_run(url, tasks, work)
+                return http_run(url, tasks, work, stream)
 
             return run_server
         if arm in LOOP_ARMS:
@@ -649,6 +663,7 @@ def summarise(runs: dict[tuple[str, int], list[RunTiming]], dtype: str, work: Wo
 # --- checks, targets ------------------------------------------------------------------------------------
 
 AGREEMENT_PAIRS = (("base", "base-loop"), ("prad-pa", "prad-pa-grpc"), ("prad-lora", "prad-lora-grpc"),
+                   ("prad-pa", "prad-pa-whole"), ("base", "base-whole"),
                    ("lora-per-task", "lora-mixed"), ("lora-per-task", PEFT_ARM))
 
 
@@ -685,7 +700,7 @@ class Target:
 
 
 def targets(results: list[ArmResult], dtype: str) -> list[Target]:
-    """Issue 10's targets, at the largest task count measured."""
+    """Issue 10's targets (and issue 22's HTTP-at-engine-speed one), at the largest task count measured."""
     rs = [r for r in results if r.dtype == dtype]
     n = max(r.num_tasks for r in rs)
     by_arm = {r.arm: r.total_s for r in rs if r.num_tasks == n}
@@ -699,6 +714,8 @@ def targets(results: list[ArmResult], dtype: str) -> list[Target]:
         Target(f"{dtype} N={n}: PrAd-PA speed-up over {PEFT_ARM}", ratio(PEFT_ARM, "prad-pa"), 1.5, False),
         Target(f"{dtype} N={n}: PrAd-PA time / base time", ratio("prad-pa", BASE_REF), 1.10, True),
         Target(f"{dtype} N={n}: PrAd-LoRA time / base time", ratio("prad-lora", BASE_REF), 1.10, True),
+        *(Target(f"{dtype} N={n}: {arm} time / {BASE_LOOP_REF} time", ratio(arm, BASE_LOOP_REF), 1.05, True)
+          for arm in ("prad-pa", "prad-pa-whole") if arm in by_arm),  # issue 22: HTTP at engine speed
     ]
 
 

@@ -44,7 +44,7 @@ def test_decode_bench_smoke(tmp_path) -> None:
 
 
 def test_multitask_bench_smoke(tmp_path) -> None:
-    arms = "prad-pa,prad-pa-grpc,base,lora-per-task,lora-mixed,peft-lora-mixed,base-loop"
+    arms = "prad-pa,prad-pa-grpc,base,base-whole,lora-per-task,lora-mixed,peft-lora-mixed,base-loop"
     multitask.main(["--tasks", "2", "--requests", "4", "--prompt-len", "8", "--gen", "3", "--repeats", "1",
                     "--arms", arms, "--no-estimate", "--out", str(tmp_path), *_threads(),
                     "--peak-seconds", "0.02", "--peak-tokens", "16", "--peak-batches", "2"])
@@ -56,7 +56,9 @@ def test_multitask_bench_smoke(tmp_path) -> None:
     assert all(0 < r["prefill_fraction_of_floor"] <= 1.5 for r in out["results"] if r["prefill_s"] is not None)
     checks = out["per_dtype"]["float32"]["checks"]
     agreements = {k: v for k, v in checks.items() if "==" in k}
-    assert len(agreements) == 4 and all(v == 1.0 for v in agreements.values()), checks
+    assert len(agreements) == 5 and all(v == 1.0 for v in agreements.values()), checks
+    whole = next(r for r in out["results"] if r["arm"] == "base-whole")
+    assert whole["prefill_s"] is None and whole["decode_s"] is None  # no first-token time without streaming
     assert checks["peft_vs_engine_lora_max_abs_logit_diff"] < 1e-3
     assert (tmp_path / "multitask.png").stat().st_size > 0
 
@@ -128,6 +130,11 @@ def test_http_load_smoke(server, smollm2, monkeypatch, capsys) -> None:
     assert 0 < out["prefill_s"] <= out["total_s"] and out["client_cpu_s"] >= 0
     expected = [_generate(server, t, text) for t, text in zip(tasks, work.texts, strict=True)]
     assert out["tokens"] == expected
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(job | {"stream": False})))
+    http_load.main()
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["tokens"] == expected and whole["prefill_s"] is None and whole["ttft_s"] is None
+    assert 0 < max(whole["latency_s"]) <= whole["total_s"]
     job["requests"][0]["prompt_tokens"] += 1  # a run that is not the benchmark's must fail, naming the task
     monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(job)))
     with pytest.raises(RuntimeError, match=r"task base: .*; expected length, 3 tokens, 9 prompt tokens"):
