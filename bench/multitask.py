@@ -302,7 +302,10 @@ def serving(loaded: LoadedModel, adapters_root: Path, transport: str, args: argp
         role="all", transport=transport, grpc_host=GRPC_HOST, grpc_port=grpc_port,
         decode_addr=f"{GRPC_HOST}:{grpc_port}", adapters=adapters_root, device=args.device, dtype=dtype,
         max_batch_size=args.requests, max_prefill_tokens=args.max_prefill_tokens, max_waiting=max(256, args.requests),
-        max_loaded_adapters=max(64, 2 * max(args.tasks)), request_timeout_s=3600.0, log_level="warning"))
+        max_loaded_adapters=max(64, 2 * max(args.tasks)), request_timeout_s=3600.0, log_level="warning",
+        # Every run sends the same prompts: with the prefix cache on, repeats after the first would
+        # prefill from it, unlike the workload's fresh prompts and unlike the loop arms.
+        prefix_cache_mb=0))
     with serve_app(build_app(settings, loaded), timeout_s) as url:
         yield url
 
