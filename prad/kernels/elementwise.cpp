@@ -50,10 +50,10 @@ void add_rms_norm(T *h, const T *y, const T *weight, float eps, int64_t d, int64
     }
 }
 
-inline vf silu(vf x) {  // x * sigmoid(x), with exp(-|x|) <= 1 so exp_nonpositive serves both signs
-    const vf ax = x < 0.0f ? -x : x;
+PRAD_INLINE vf silu(vf x) {  // x * sigmoid(x), with exp(-|x|) <= 1 so exp_nonpositive serves both signs
+    const vf ax = select_lt(x, vf{}, -x, x);
     const vf e = exp_nonpositive(-ax);
-    const vf num = x < 0.0f ? e : vf{} + 1.0f;  // sigmoid = num / (1 + e): one division, not two
+    const vf num = select_lt(x, vf{}, e, vf{} + 1.0f);  // sigmoid = num / (1 + e): one division, not two
     return x * (num / (1.0f + e));
 }
 
@@ -61,6 +61,11 @@ inline vf silu(vf x) {  // x * sigmoid(x), with exp(-|x|) <= 1 so exp_nonpositiv
 // of gate_up (row stride ld).
 template <typename T>
 void silu_mul(const T *gate_up, int64_t inter, int64_t cols, int64_t ld, T *out, int64_t ld_out) {
+    if (ld == cols && ld_out == cols) {  // dense rows: gate, up and out are each one long row
+        cols *= inter;
+        ld = ld_out = cols;
+        inter = 1;
+    }
     const int64_t vec_cols = cols / W * W;
     for (int64_t f = 0; f < inter; f++) {
         const T *gate = gate_up + f * ld, *up = gate_up + (f + inter) * ld;

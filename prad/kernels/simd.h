@@ -1,13 +1,20 @@
 // SIMD helpers shared by the native CPU kernels (prad/kernels): 16-float vectors through GCC/Clang
 // vector extensions (-march=native lowers them to AVX-512 or pairs of AVX2 registers), bf16 <-> fp32
 // conversions rounding as torch does, and a vectorised exp.
+//
+// Where a 16-float vector spans two registers (AVX2), GCC lowers a comparison or `?:` of such vectors
+// lane by lane in scalar code, and passes them to a function that is not inlined through memory. So
+// lane selection goes through `select_lt` / `select_nan` (two compare + blend instructions per vector
+// on AVX2), and the helpers taking vectors are always inlined.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+
+#define PRAD_INLINE inline __attribute__((always_inline))
 
 namespace prad {
 
@@ -40,12 +47,12 @@ inline uint16_t from_float<uint16_t>(float x) {  // round to nearest even, as to
     return uint16_t(bits >> 16);
 }
 
-inline vf load(const float *p) {
+PRAD_INLINE vf load(const float *p) {
     vf v;
     std::memcpy(&v, p, sizeof v);
     return v;
 }
-inline vf load(const uint16_t *p) {  // 16 bf16 -> fp32: widen to 32 bits, shift into the high half
+PRAD_INLINE vf load(const uint16_t *p) {  // 16 bf16 -> fp32: widen to 32 bits, shift into the high half
 #ifdef __AVX512F__
     const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
 #else
@@ -58,25 +65,60 @@ inline vf load(const uint16_t *p) {  // 16 bf16 -> fp32: widen to 32 bits, shift
     return v;
 }
 
-inline void store(float *p, vf v) { std::memcpy(p, &v, sizeof v); }
+PRAD_INLINE void store(float *p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+union Halves {  // a 16-float vector as the two AVX registers that hold it
+    vf v;
+    __m256 h[2];
+};
+#endif
+
+// Lane by lane: a where x < y, else b.
+PRAD_INLINE vf select_lt(vf x, vf y, vf a, vf b) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    const Halves xs{x}, ys{y}, as{a}, bs{b};
+    Halves out;
+    for (int i = 0; i < 2; i++)
+        out.h[i] = _mm256_blendv_ps(bs.h[i], as.h[i], _mm256_cmp_ps(xs.h[i], ys.h[i], _CMP_LT_OQ));
+    return out.v;
+#else
+    return x < y ? a : b;
+#endif
+}
+
+// Lane by lane: a where x is NaN, else b.
+PRAD_INLINE vf select_nan(vf x, vf a, vf b) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    const Halves xs{x}, as{a}, bs{b};
+    Halves out;
+    for (int i = 0; i < 2; i++)
+        out.h[i] = _mm256_blendv_ps(bs.h[i], as.h[i], _mm256_cmp_ps(xs.h[i], xs.h[i], _CMP_UNORD_Q));
+    return out.v;
+#else
+    return x != x ? a : b;
+#endif
+}
 
 // x rounded to T and back (what storing an fp32 result in a T tensor does), in registers
 template <typename T>
-inline vf round_to(vf x);
+PRAD_INLINE vf round_to(vf x);
 template <>
-inline vf round_to<float>(vf x) { return x; }
+PRAD_INLINE vf round_to<float>(vf x) { return x; }
 template <>
-inline vf round_to<uint16_t>(vf x) {  // bf16: round to nearest even, keep the high 16 bits
+PRAD_INLINE vf round_to<uint16_t>(vf x) {  // bf16: round to nearest even, keep the high 16 bits; NaN -> quiet NaN
     vu bits;
     std::memcpy(&bits, &x, sizeof bits);
-    const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
-    const vu out = (bits & 0x7fffffffu) > 0x7f800000u ? vu{} + 0x7fc00000u : rounded;
-    vf v;
-    std::memcpy(&v, &out, sizeof v);
-    return v;
+    const vu rounded_bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    vf rounded;
+    std::memcpy(&rounded, &rounded_bits, sizeof rounded);
+    const vu quiet_nan_bits = vu{} + 0x7fc00000u;
+    vf quiet_nan;
+    std::memcpy(&quiet_nan, &quiet_nan_bits, sizeof quiet_nan);
+    return select_nan(x, quiet_nan, rounded);
 }
 
-inline void store(uint16_t *p, vf v) {  // fp32 -> bf16, round to nearest even; NaN -> quiet NaN
+PRAD_INLINE void store(uint16_t *p, vf v) {  // fp32 -> bf16, round to nearest even; NaN -> quiet NaN
     vu bits;
     const vf rounded = round_to<uint16_t>(v);
     std::memcpy(&bits, &rounded, sizeof bits);
@@ -87,14 +129,14 @@ inline void store(uint16_t *p, vf v) {  // fp32 -> bf16, round to nearest even; 
 template <typename T>
 inline float round_to(float x) { return to_float(from_float<T>(x)); }
 
-inline float hsum(vf v) {
+PRAD_INLINE float hsum(vf v) {
     vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
     vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-inline float hmax(vf v) {
+PRAD_INLINE float hmax(vf v) {
     vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
     vf8 b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
     a = a > b ? a : b;
@@ -105,8 +147,9 @@ inline float hmax(vf v) {
 
 // exp(x) for x <= 0 (softmax after subtracting the max), 16 lanes: Cody-Waite reduction to
 // |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error < 2e-7); 0 below -87.
-inline vf exp_nonpositive(vf x) {
-    const vf c = x < -87.0f ? vf{} - 87.0f : x;
+PRAD_INLINE vf exp_nonpositive(vf x) {
+    const vf low = vf{} - 87.0f;
+    const vf c = select_lt(x, low, low, x);
     const vi n = __builtin_convertvector(c * 1.44269504f - 0.5f, vi);  // truncation: ceil(t - 0.5)
     const vf nf = __builtin_convertvector(n, vf);
     const vf r = c - nf * 0.693145751953125f - nf * 1.428606765330187e-6f;
@@ -120,7 +163,7 @@ inline vf exp_nonpositive(vf x) {
     const vi bits = (n + 127) << 23;
     vf two_n;
     std::memcpy(&two_n, &bits, sizeof two_n);
-    return x < -87.0f ? vf{} : p * two_n;
+    return select_lt(x, low, vf{}, p * two_n);
 }
 
 inline float exp_nonpositive(float x) { return exp_nonpositive(vf{} + x)[0]; }

@@ -225,6 +225,22 @@ def test_silu_mul_matches_the_pytorch_ops(lib, dtype, cols) -> None:
     _assert_within_one_rounding(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_keeps_the_special_values_of_the_pytorch_ops(lib, dtype) -> None:
+    """Lane selection (sign, underflow, NaN) holds at every lane of a vector and in the scalar tail."""
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -87.5, -100.0, 88.0, -1e-30])
+    gate = special.repeat(4)[:33]  # 2 vectors of 16 + a tail
+    gate_up = torch.cat([gate, torch.linspace(-3, 3, 33)]).to(dtype)[:, None].repeat(1, 17)  # [2 * 33, 17]
+    g, u = gate_up.chunk(2, dim=0)
+    expected = torch.nn.functional.silu(g) * u
+    got = kernels.silu_mul(gate_up)
+    assert torch.equal(got.isnan(), expected.isnan())
+    infinite = expected.isinf()
+    assert torch.equal(got[infinite], expected[infinite])
+    finite = expected.isfinite()
+    _assert_within_one_rounding(got[finite], expected[finite])
+
+
 def test_elementwise_kernels_refuse_mismatched_operands(lib) -> None:
     h = torch.zeros(8, 4)
     with pytest.raises(ValueError, match="shaped like h"):
