@@ -122,7 +122,7 @@ void attend_item(const Args<T> &a, int64_t b, int64_t g) {
             vf sv[KEY_BLOCK / W];
             for (int i = 0; i < nv; i++) sv[i] = load(scores[j] + i * W);
             vf vmax = sv[0];
-            for (int i = 1; i < nv; i++) vmax = select_lt(vmax, sv[i], sv[i], vmax);
+            for (int i = 1; i < nv; i++) vmax = sv[i] > vmax ? sv[i] : vmax;
             const float block_max = hmax(vmax);
             const float new_max = block_max > m[j] ? block_max : m[j];
             const float correction = exp_nonpositive(m[j] - new_max);
@@ -130,7 +130,7 @@ void attend_item(const Args<T> &a, int64_t b, int64_t g) {
             for (int i = 0; i < nv; i++) {
                 sv[i] = exp_nonpositive(sv[i] - new_max);
                 sum += sv[i];
-                std::memcpy(scores[j] + i * W, &sv[i], sizeof(vf));
+                store(scores[j] + i * W, sv[i]);
             }
             l[j] = l[j] * correction + hsum(sum);
             m[j] = new_max;

@@ -51,9 +51,9 @@ void add_rms_norm(T *h, const T *y, const T *weight, float eps, int64_t d, int64
 }
 
 PRAD_INLINE vf silu(vf x) {  // x * sigmoid(x), with exp(-|x|) <= 1 so exp_nonpositive serves both signs
-    const vf ax = select_lt(x, vf{}, -x, x);
+    const vf ax = x < 0.0f ? -x : x;
     const vf e = exp_nonpositive(-ax);
-    const vf num = select_lt(x, vf{}, e, vf{} + 1.0f);  // sigmoid = num / (1 + e): one division, not two
+    const vf num = x < 0.0f ? e : vf{} + 1.0f;  // sigmoid = num / (1 + e): one division, not two
     return x * (num / (1.0f + e));
 }
 
