@@ -55,14 +55,22 @@ def choose_ops(model: Model, threads: int, native_kernels: bool = True) -> StepO
     native_attention = native_kernels and kernels.supports(dtype, device, c.head_dim, group)
     native_norm = native_kernels and c.family == "llama" and kernels.supports_elementwise(dtype, device)
     native_linear = native_kernels and kernels.supports_linear(dtype, device)
+    native_matvec = native_kernels and kernels.supports_matvec(dtype, device)
     native = tuple(name for name, used in (("attention", native_attention), ("add_rms_norm", native_norm),
-                                           ("silu_mul", native_norm), ("linear_bf16", native_linear)) if used)
+                                           ("silu_mul", native_norm), ("linear_bf16", native_linear),
+                                           ("matvec_f32", native_matvec)) if used)
+    linear: Linear = _torch_linear
+    lm_head: LmHead = _torch_lm_head
+    if native_linear:
+        linear, lm_head = _native_linear(threads), _native_lm_head(threads)
+    elif native_matvec:
+        linear, lm_head = _matvec_linear(threads), _matvec_lm_head(threads)
     return StepOps(
-        linear=_native_linear(threads) if native_linear else _torch_linear,
+        linear=linear,
         add_norm=_native_add_norm(c) if native_norm else _torch_add_norm(c),
         silu_mul=kernels.silu_mul if native_norm else _torch_silu_mul,
         attention=_native_attention(model, threads) if native_attention else _torch_attention(model),
-        lm_head=_native_lm_head(threads) if native_linear else _torch_lm_head,
+        lm_head=lm_head,
         native=native,
         pads_one_row=native_linear,
     )
@@ -78,6 +86,27 @@ def _native_linear(threads: int) -> Linear:
         return kernels.linear_bf16(weight, x, bias, threads)
 
     return linear
+
+
+def _matvec_linear(threads: int) -> Linear:
+    """fp32: a step of one column (a batch of one) on the kernels' pool (prad/kernels/matvec_f32.cpp),
+    wider steps on torch.mm."""
+    def linear(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[1] == 1:
+            return kernels.matvec_f32(weight, x, bias, threads)
+        return _torch_linear(weight, x, bias)
+
+    return linear
+
+
+def _matvec_lm_head(threads: int) -> LmHead:
+    """fp32: the logits of a batch of one as one matrix-vector product on the kernels' pool."""
+    def lm_head(weight: torch.Tensor, x: torch.Tensor, bsz: int) -> torch.Tensor:
+        if x.shape[1] == 1:
+            return kernels.matvec_f32(weight, x, None, threads).view(1, -1)
+        return _torch_lm_head(weight, x, bsz)
+
+    return lm_head
 
 
 def _torch_add_norm(c: ModelConfig) -> AddNorm:

@@ -253,6 +253,36 @@ def test_elementwise_kernels_refuse_mismatched_operands(lib) -> None:
         kernels.silu_mul(torch.zeros(7, 4))
 
 
+@pytest.mark.parametrize(("out_features", "in_features"), [(1728, 576), (7, 13), (49, 40), (1, 1)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matvec_f32_is_addmm_up_to_the_order_of_sums(lib, out_features, in_features, with_bias, threads) -> None:
+    """Row blocks of 4 and a remainder, vector steps of 2W and W and a scalar tail of K, one or two threads."""
+    gen = torch.Generator().manual_seed(out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    x = torch.randn(in_features, 1, generator=gen)
+    bias = torch.randn(out_features, generator=gen) if with_bias else None
+    expected = torch.mm(weight, x) if bias is None else torch.addmm(bias[:, None], weight, x)
+    got = kernels.matvec_f32(weight, x, bias, threads)
+    assert got.shape == (out_features, 1)
+    bound = 4 * in_features * torch.finfo(torch.float32).eps * (weight.abs() @ x.abs()).squeeze(1)
+    assert ((got - expected).squeeze(1).abs() <= bound + 1e-6).all()
+
+
+def test_matvec_f32_refuses_what_it_cannot_multiply(lib) -> None:
+    weight = torch.zeros(8, 4)
+    with pytest.raises(ValueError, match="do not chain"):
+        kernels.matvec_f32(weight, torch.zeros(5, 1), None, 1)
+    with pytest.raises(ValueError, match="do not chain"):
+        kernels.matvec_f32(weight, torch.zeros(4, 2), None, 1)
+    with pytest.raises(ValueError, match="fp32"):
+        kernels.matvec_f32(weight.bfloat16(), torch.zeros(4, 1), None, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.matvec_f32(torch.zeros(4, 8).t(), torch.zeros(4, 1), None, 1)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.matvec_f32(weight, torch.zeros(4, 1), torch.zeros(7), 1)
+
+
 @pytest.fixture
 def linear_lib(lib):
     if not kernels.supports_linear(torch.bfloat16, torch.device("cpu")):
