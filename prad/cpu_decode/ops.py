@@ -44,7 +44,10 @@ class StepOps:
     attention: Callable[[torch.Tensor], Attend]  # positions [B] -> this step's Attend
     lm_head: LmHead
     native: tuple[str, ...]  # the parts that run on native kernels (for logs)
-    pads_one_row: bool  # the native projections take multiples of 16 columns, a batch of one too
+    # A step of up to this many rows computes exactly that many columns, a wider one pads to a multiple
+    # of 16: the native bf16 projections take multiples of 16 only (0), the narrow fp32 kernel up to
+    # NARROW_COLUMNS, torch.mm one column (a matrix-vector product) at its speed, 2-15 far below it.
+    unpadded_rows: int
 
 
 def choose_ops(model: Model, threads: int, native_kernels: bool = True) -> StepOps:
@@ -55,16 +58,16 @@ def choose_ops(model: Model, threads: int, native_kernels: bool = True) -> StepO
     native_attention = native_kernels and kernels.supports(dtype, device, c.head_dim, group)
     native_norm = native_kernels and c.family == "llama" and kernels.supports_elementwise(dtype, device)
     native_linear = native_kernels and kernels.supports_linear(dtype, device)
-    native_matvec = native_kernels and kernels.supports_matvec(dtype, device)
+    native_narrow = native_kernels and kernels.supports_narrow_linear(dtype, device)
     native = tuple(name for name, used in (("attention", native_attention), ("add_rms_norm", native_norm),
                                            ("silu_mul", native_norm), ("linear_bf16", native_linear),
-                                           ("matvec_f32", native_matvec)) if used)
+                                           ("linear_narrow_f32", native_narrow)) if used)
     linear: Linear = _torch_linear
     lm_head: LmHead = _torch_lm_head
     if native_linear:
         linear, lm_head = _native_linear(threads), _native_lm_head(threads)
-    elif native_matvec:
-        linear, lm_head = _matvec_linear(threads), _matvec_lm_head(threads)
+    elif native_narrow:
+        linear, lm_head = _narrow_linear(threads), _narrow_lm_head(threads)
     return StepOps(
         linear=linear,
         add_norm=_native_add_norm(c) if native_norm else _torch_add_norm(c),
@@ -72,7 +75,7 @@ def choose_ops(model: Model, threads: int, native_kernels: bool = True) -> StepO
         attention=_native_attention(model, threads) if native_attention else _torch_attention(model),
         lm_head=lm_head,
         native=native,
-        pads_one_row=native_linear,
+        unpadded_rows=0 if native_linear else kernels.NARROW_COLUMNS if native_narrow else 1,
     )
 
 
@@ -88,22 +91,22 @@ def _native_linear(threads: int) -> Linear:
     return linear
 
 
-def _matvec_linear(threads: int) -> Linear:
-    """fp32: a step of one column (a batch of one) on the kernels' pool (prad/kernels/matvec_f32.cpp),
-    wider steps on torch.mm."""
+def _narrow_linear(threads: int) -> Linear:
+    """fp32: steps of up to NARROW_COLUMNS columns on the kernels' pool (prad/kernels/linear_narrow_f32.cpp),
+    wider ones on torch.mm."""
     def linear(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.shape[1] == 1:
-            return kernels.matvec_f32(weight, x, bias, threads)
+        if x.shape[1] <= kernels.NARROW_COLUMNS:
+            return kernels.linear_narrow_f32(weight, x, bias, threads)
         return _torch_linear(weight, x, bias)
 
     return linear
 
 
-def _matvec_lm_head(threads: int) -> LmHead:
-    """fp32: the logits of a batch of one as one matrix-vector product on the kernels' pool."""
+def _narrow_lm_head(threads: int) -> LmHead:
+    """fp32: the logits of a step of up to NARROW_COLUMNS rows, written token-major by the narrow kernel."""
     def lm_head(weight: torch.Tensor, x: torch.Tensor, bsz: int) -> torch.Tensor:
-        if x.shape[1] == 1:
-            return kernels.matvec_f32(weight, x, None, threads).view(1, -1)
+        if x.shape[1] <= kernels.NARROW_COLUMNS:
+            return kernels.linear_narrow_f32(weight, x[:, :bsz].contiguous(), None, threads, transposed=True)
         return _torch_lm_head(weight, x, bsz)
 
     return lm_head

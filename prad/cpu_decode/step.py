@@ -8,7 +8,8 @@ already the next one's input layout; CPU BLAS runs that orientation faster at de
 order of floating-point sums inside matmuls and kernels differs.
 
 The batch of B rows is padded to P columns, a multiple of CPU_COLUMN_MULTIPLE, because BLAS GEMMs
-with a few or an odd number of columns run far below their speed at the next multiple of 16. The
+with a few or an odd number of columns run far below their speed at the next multiple of 16; a step
+of a few rows runs unpadded where a kernel takes it at full speed (`StepOps.unpadded_rows`). The
 padding columns start at zero, never reach attention or the KV cache, and are dropped at the LM head.
 """
 
@@ -28,10 +29,10 @@ from prad.weights import LayerWeights
 CPU_COLUMN_MULTIPLE = 16
 
 
-def padded_columns(batch: int, pads_one_row: bool = False) -> int:
-    """How many activation columns a step of `batch` rows computes. One row stays one column (a
-    matrix-vector product) unless the native bf16 projections run, which take multiples of 16."""
-    if batch == 1 and not pads_one_row:
+def padded_columns(batch: int, unpadded_rows: int = 1) -> int:
+    """How many activation columns a step of `batch` rows computes: `batch` itself up to
+    `unpadded_rows` (`StepOps.unpadded_rows`), else the next multiple of CPU_COLUMN_MULTIPLE."""
+    if batch <= unpadded_rows:
         return batch
     return -(-batch // CPU_COLUMN_MULTIPLE) * CPU_COLUMN_MULTIPLE
 
@@ -43,7 +44,7 @@ def feature_major_step(model: Model, ops: StepOps, token_ids: torch.Tensor, posi
     [B, 1, features] views, as in `Model.forward`."""
     w, c = model.weights, model.config
     bsz = token_ids.shape[0]
-    h = pad_columns(w.embed[token_ids].t(), padded_columns(bsz, ops.pads_one_row))  # [d, P]
+    h = pad_columns(w.embed[token_ids].t(), padded_columns(bsz, ops.unpadded_rows))  # [d, P]
     if w.pos_embed is not None:
         h[:, :bsz] += w.pos_embed[positions].t()
     attend = ops.attention(positions)

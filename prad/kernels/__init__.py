@@ -4,12 +4,11 @@ The decode step uses them on the CPU in fp32 and bf16 (docs/design.md gives the 
 decode attention (decode_attention.cpp) in place of RoPE + `KVCache.update` + SDPA, the fused
 residual add + RMSNorm and SiLU(gate) * up (elementwise.cpp) in place of 6-8 small PyTorch ops
 each, in bf16 on CPUs with AVX512-BF16, the projections and the LM head (linear_bf16.cpp) in
-place of torch.mm, and in fp32 the projections and LM head of a batch of one (matvec_f32.cpp), which
-torch.mm runs on one thread. One library holds them all. It is built with `-march=native`, so the cached
-library is keyed by the sources, the flags, the compiler and the CPU's feature flags; a machine without
-a C++ compiler, or with
-`PRAD_NATIVE_KERNELS=0`, runs the PyTorch path instead (logged once), with the same results up to
-floating-point rounding.
+place of torch.mm, and in fp32 the projections and LM head of steps of up to 16 rows
+(linear_narrow_f32.cpp), which torch.mm runs on one thread or pads. One library holds them all. It
+is built with `-march=native`, so the cached library is keyed by the sources, the flags, the compiler
+and the CPU's feature flags; a machine without a C++ compiler, or with `PRAD_NATIVE_KERNELS=0`, runs
+the PyTorch path instead (logged once), with the same results up to floating-point rounding.
 
 The kernels do not use OpenMP: their parallel loops run on the library's own small thread pool
 (pool.h), whose workers spin briefly between jobs instead of sleeping at once as OpenMP's do under
@@ -37,7 +36,8 @@ from prad.machine import cpuinfo
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("decode_attention.cpp", "elementwise.cpp", "linear_bf16.cpp", "matvec_f32.cpp"))
+                for name in ("decode_attention.cpp", "elementwise.cpp", "linear_bf16.cpp",
+                                    "linear_narrow_f32.cpp"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "pool.h"))
 # 512-bit vectors where the CPU has them (GCC prefers 256 on some Intel parts; the kernel's register
 # blocking assumes 16-float vectors); the flag exists on x86 only.
@@ -46,6 +46,7 @@ CFLAGS = ("-O3", "-march=native", *_X86_FLAGS, "-pthread", "-fPIC", "-shared")
 DISABLE_ENV = "PRAD_NATIVE_KERNELS"  # "0" turns the native kernels off
 COMPILE_TIMEOUT_S = 120
 LINEAR_COLUMN_MULTIPLE = 16  # linear_bf16.cpp's vector width in activation columns
+NARROW_COLUMNS = 16  # linear_narrow_f32.cpp's MAX_COLUMNS: the most columns it takes
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _ENTRY = {dtype: f"prad_decode_attention_{suffix}" for dtype, suffix in _SUFFIX.items()}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -142,8 +143,8 @@ def library() -> ctypes.CDLL | None:
     lib.prad_linear_bf16.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int]
     lib.prad_linear_bf16_t_f32.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int]
     lib.prad_linear_bf16.restype = lib.prad_linear_bf16_t_f32.restype = ctypes.c_int
-    lib.prad_matvec_f32.argtypes, lib.prad_matvec_f32.restype = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int], \
-        ctypes.c_int
+    lib.prad_linear_narrow_f32.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, ctypes.c_int]
+    lib.prad_linear_narrow_f32.restype = lib.prad_linear_narrow_f32_max_columns.restype = ctypes.c_int
     return lib
 
 
@@ -204,27 +205,34 @@ def lm_head_bf16(weight: torch.Tensor, x: torch.Tensor, rows: int, threads: int)
     return out
 
 
-def supports_matvec(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `matvec_f32` runs for this dtype on this device (fp32 on any CPU the kernels build for)."""
+def supports_narrow_linear(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `linear_narrow_f32` runs for this dtype on this device (fp32 on any CPU the kernels build for)."""
     return device.type == "cpu" and dtype == torch.float32 and library() is not None
 
 
-def matvec_f32(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-    """weight [out, in] @ x [in, 1] (+ bias [out]) -> [out, 1] fp32 on the kernels' pool: `torch.addmm(bias[:, None],
-    weight, x)` up to the order of the sums. weight, x, bias contiguous fp32 CPU tensors."""
+def linear_narrow_f32(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, threads: int,
+                      transposed: bool = False) -> torch.Tensor:
+    """weight [out, in] @ x [in, n] (+ bias [out]) for n <= NARROW_COLUMNS, on the kernels' pool: [out, n],
+    or with `transposed` its transpose [n, out] (contiguous). `torch.addmm(bias[:, None], weight, x)` up to
+    the order of the sums, which is the same for every n. weight, x, bias contiguous fp32 CPU tensors."""
     lib = library()
-    assert lib is not None, "check supports_matvec() first"
+    assert lib is not None, "check supports_narrow_linear() first"
     for name, t in (("weight", weight), ("x", x), ("bias", bias)):
         if t is not None and (not t.is_contiguous() or t.dtype != torch.float32 or t.device.type != "cpu"):
-            raise ValueError(f"matvec_f32: {name} must be a contiguous fp32 CPU tensor, got {t.dtype} {tuple(t.shape)}")
-    if weight.dim() != 2 or x.shape != (weight.shape[1], 1) or weight.numel() == 0:
-        raise ValueError(f"matvec_f32: weight {tuple(weight.shape)} and x {tuple(x.shape)} do not chain to one column")
+            raise ValueError(f"linear_narrow_f32: {name} must be a contiguous fp32 CPU tensor, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    if weight.dim() != 2 or x.dim() != 2 or x.shape[0] != weight.shape[1] or weight.numel() == 0:
+        raise ValueError(f"linear_narrow_f32: weight {tuple(weight.shape)} and x {tuple(x.shape)} do not chain")
+    if not 0 < x.shape[1] <= NARROW_COLUMNS:
+        raise ValueError(f"linear_narrow_f32: x has {x.shape[1]} columns, not 1-{NARROW_COLUMNS}")
     if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"matvec_f32: bias {tuple(bias.shape)} is not [{weight.shape[0]}]")
-    out = x.new_empty(weight.shape[0], 1)
-    status = lib.prad_matvec_f32(weight.data_ptr(), weight.shape[0], weight.shape[1], x.data_ptr(),
-                                 None if bias is None else bias.data_ptr(), out.data_ptr(), threads)
-    assert status == 0, f"prad_matvec_f32 returned {status}"
+        raise ValueError(f"linear_narrow_f32: bias {tuple(bias.shape)} is not [{weight.shape[0]}]")
+    m, n = weight.shape[0], x.shape[1]
+    out = x.new_empty((n, m) if transposed else (m, n))
+    strides = (1, m) if transposed else (n, 1)
+    status = lib.prad_linear_narrow_f32(weight.data_ptr(), m, weight.shape[1], x.data_ptr(), n, n,
+                                        None if bias is None else bias.data_ptr(), out.data_ptr(), *strides, threads)
+    assert status == 0, f"prad_linear_narrow_f32 returned {status}"
     return out
 
 

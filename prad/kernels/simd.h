@@ -10,7 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -97,6 +97,19 @@ PRAD_INLINE void store(uint16_t *p, vf v) {  // fp32 -> bf16, round to nearest e
 
 template <typename T>
 inline float round_to(float x) { return to_float(from_float<T>(x)); }
+
+// a * b + c rounded once where the CPU has FMA. Written out because the compiler contracts `acc += a * b`
+// into an FMA in some functions and not in others, and a kernel whose results must not depend on how
+// it was instantiated (linear_narrow_f32.cpp) needs the same rounding everywhere.
+PRAD_INLINE vf fma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+    return _mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__)
+    return _mm256_fmadd_ps(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
 
 PRAD_INLINE vf8 halve_sum(vf8 v) { return v; }  // W = 8: already one AVX register
 #ifdef __AVX512F__

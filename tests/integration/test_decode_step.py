@@ -103,11 +103,13 @@ def test_decode_step_with_conventional_adapters_matches_forward(ops_path: str, t
 
 @pytest.mark.parametrize("batch", [1, 17])
 def test_decode_step_padding_never_changes_a_row(batch: int, decode_step, tmp_path) -> None:
-    """CPU steps pad B to a multiple of 16 columns (B = 1 only for the native bf16 projections); each
+    """CPU steps pad B to a multiple of 16 columns (but a few rows, as StepOps.unpadded_rows says); each
     row equals itself alone."""
     model = _model("llama", tmp_path, vocab_size=128)
     assert padded_columns(batch) == (1 if batch == 1 else 32)
-    assert padded_columns(batch, pads_one_row=True) == (16 if batch == 1 else 32)
+    assert padded_columns(batch, unpadded_rows=0) == (16 if batch == 1 else 32)
+    assert padded_columns(batch, unpadded_rows=8) == (1 if batch == 1 else 32)
+    assert padded_columns(8, unpadded_rows=8) == 8 and padded_columns(9, unpadded_rows=8) == 16
     lengths = [3 + (r * 5) % 11 for r in range(batch)]
     kv = _prefilled(model, lengths, capacity=32)
     alone_kv = KVCache(kv.k.clone(), kv.v.clone())

@@ -254,33 +254,47 @@ def test_elementwise_kernels_refuse_mismatched_operands(lib) -> None:
 
 
 @pytest.mark.parametrize(("out_features", "in_features"), [(1728, 576), (7, 13), (49, 40), (1, 1)])
+@pytest.mark.parametrize("cols", [1, 3, 8, 11, 16])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_matvec_f32_is_addmm_up_to_the_order_of_sums(lib, out_features, in_features, with_bias, threads) -> None:
-    """Row blocks of 4 and a remainder, vector steps of 2W and W and a scalar tail of K, one or two threads."""
-    gen = torch.Generator().manual_seed(out_features + in_features)
+def test_linear_narrow_f32_is_addmm_up_to_the_order_of_sums(lib, out_features, in_features, cols,
+                                                             with_bias) -> None:
+    """Row blocks and a remainder, vector steps and a scalar tail of K, one or two groups of up to 8 columns,
+    both output layouts."""
+    gen = torch.Generator().manual_seed(out_features + in_features + cols)
     weight = torch.randn(out_features, in_features, generator=gen)
-    x = torch.randn(in_features, 1, generator=gen)
+    x = torch.randn(in_features, cols, generator=gen)
     bias = torch.randn(out_features, generator=gen) if with_bias else None
     expected = torch.mm(weight, x) if bias is None else torch.addmm(bias[:, None], weight, x)
-    got = kernels.matvec_f32(weight, x, bias, threads)
-    assert got.shape == (out_features, 1)
-    bound = 4 * in_features * torch.finfo(torch.float32).eps * (weight.abs() @ x.abs()).squeeze(1)
-    assert ((got - expected).squeeze(1).abs() <= bound + 1e-6).all()
+    bound = 4 * in_features * torch.finfo(torch.float32).eps * (weight.abs() @ x.abs()) + 1e-6
+    for threads in (1, 2):
+        got = kernels.linear_narrow_f32(weight, x, bias, threads)
+        assert got.shape == (out_features, cols) and ((got - expected).abs() <= bound).all()
+        flipped = kernels.linear_narrow_f32(weight, x, bias, threads, transposed=True)
+        assert flipped.is_contiguous() and torch.equal(flipped, got.t())
 
 
-def test_matvec_f32_refuses_what_it_cannot_multiply(lib) -> None:
+def test_linear_narrow_f32_gives_a_column_what_it_gets_alone(lib) -> None:
+    """Each output is one sum in a fixed order: a row of a batch equals itself alone, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(101, 75, generator=gen), torch.randn(101, generator=gen)
+    x = torch.randn(75, kernels.NARROW_COLUMNS, generator=gen)
+    together = kernels.linear_narrow_f32(weight, x, bias, 2)
+    for cols in range(1, kernels.NARROW_COLUMNS + 1):
+        assert torch.equal(kernels.linear_narrow_f32(weight, x[:, :cols].contiguous(), bias, 2), together[:, :cols])
+
+
+def test_linear_narrow_f32_refuses_what_it_cannot_multiply(lib) -> None:
     weight = torch.zeros(8, 4)
     with pytest.raises(ValueError, match="do not chain"):
-        kernels.matvec_f32(weight, torch.zeros(5, 1), None, 1)
-    with pytest.raises(ValueError, match="do not chain"):
-        kernels.matvec_f32(weight, torch.zeros(4, 2), None, 1)
+        kernels.linear_narrow_f32(weight, torch.zeros(5, 1), None, 1)
+    with pytest.raises(ValueError, match="columns"):
+        kernels.linear_narrow_f32(weight, torch.zeros(4, kernels.NARROW_COLUMNS + 1), None, 1)
     with pytest.raises(ValueError, match="fp32"):
-        kernels.matvec_f32(weight.bfloat16(), torch.zeros(4, 1), None, 1)
+        kernels.linear_narrow_f32(weight.bfloat16(), torch.zeros(4, 1), None, 1)
     with pytest.raises(ValueError, match="contiguous"):
-        kernels.matvec_f32(torch.zeros(4, 8).t(), torch.zeros(4, 1), None, 1)
+        kernels.linear_narrow_f32(torch.zeros(4, 8).t(), torch.zeros(4, 1), None, 1)
     with pytest.raises(ValueError, match="bias"):
-        kernels.matvec_f32(weight, torch.zeros(4, 1), torch.zeros(7), 1)
+        kernels.linear_narrow_f32(weight, torch.zeros(4, 1), torch.zeros(7), 1)
 
 
 @pytest.fixture
