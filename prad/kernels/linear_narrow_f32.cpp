@@ -20,7 +20,7 @@ namespace {
 using namespace prad;
 
 constexpr int MAX_COLUMNS = 16;
-constexpr int GROUP = 8;  // columns per pass over a chunk's rows: the rest of a chunk's passes find its weights in cache
+constexpr int GROUP = 8;  // columns per pass over a chunk's rows (later passes find its weights in cache)
 constexpr int64_t ROWS_PER_CHUNK = 64;  // 64 rows of 576 floats: ~150 KB of weights per chunk
 
 struct Operands {
