@@ -36,17 +36,16 @@ from prad.machine import cpuinfo
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("decode_attention.cpp", "elementwise.cpp", "linear_bf16.cpp",
-                                    "linear_narrow_f32.cpp"))
+                for name in ("decode_attention.cpp", "elementwise.cpp", "linear_bf16.cpp", "linear_narrow_f32.cpp"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "pool.h"))
-# 512-bit vectors where the CPU has them (GCC prefers 256 on some Intel parts; the kernel's register
-# blocking assumes 16-float vectors); the flag exists on x86 only.
+# 512-bit vectors where the CPU has them (GCC prefers 256 on some Intel parts; with AVX-512 the kernels'
+# vectors and register blocking are 16 floats wide, simd.h); the flag exists on x86 only.
 _X86_FLAGS = ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
 CFLAGS = ("-O3", "-march=native", *_X86_FLAGS, "-pthread", "-fPIC", "-shared")
 DISABLE_ENV = "PRAD_NATIVE_KERNELS"  # "0" turns the native kernels off
 COMPILE_TIMEOUT_S = 120
 LINEAR_COLUMN_MULTIPLE = 16  # linear_bf16.cpp's vector width in activation columns
-NARROW_COLUMNS = 16  # linear_narrow_f32.cpp's MAX_COLUMNS: the most columns it takes
+NARROW_COLUMNS = 16  # linear_narrow_f32.cpp's MAX_COLUMNS: the most columns it takes (it refuses more)
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _ENTRY = {dtype: f"prad_decode_attention_{suffix}" for dtype, suffix in _SUFFIX.items()}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -144,7 +143,7 @@ def library() -> ctypes.CDLL | None:
     lib.prad_linear_bf16_t_f32.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int]
     lib.prad_linear_bf16.restype = lib.prad_linear_bf16_t_f32.restype = ctypes.c_int
     lib.prad_linear_narrow_f32.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, ctypes.c_int]
-    lib.prad_linear_narrow_f32.restype = lib.prad_linear_narrow_f32_max_columns.restype = ctypes.c_int
+    lib.prad_linear_narrow_f32.restype = ctypes.c_int
     return lib
 
 

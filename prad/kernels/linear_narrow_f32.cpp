@@ -86,8 +86,6 @@ Rows pick_group(int64_t n) {
 }  // namespace
 
 extern "C" {
-int prad_linear_narrow_f32_max_columns() { return MAX_COLUMNS; }
-
 // out = w [m, k] @ x [k, n] (row stride ldx) + bias [m] (or null), element (i, j) of the product
 // written at out[i * out_row_stride + j * out_col_stride] (a transposed output: swap the strides);
 // on up to `threads` threads. Returns 0, or -1 for an empty shape or n > MAX_COLUMNS (nothing written).
@@ -107,10 +105,10 @@ int prad_linear_narrow_f32(const float *w, int64_t m, int64_t k, const float *x,
     parallel_for(threads, (m + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; c++) {
             for (int64_t g = 0; g < n; g += GROUP) {
-                Operands columns = o;
-                columns.xt = xt + g * k;
-                columns.out = out + g * out_col_stride;
-                pick_group(std::min<int64_t>(GROUP, n - g))(columns, c * ROWS_PER_CHUNK,
+                Operands group = o;
+                group.xt = xt + g * k;
+                group.out = out + g * out_col_stride;
+                pick_group(std::min<int64_t>(GROUP, n - g))(group, c * ROWS_PER_CHUNK,
                                                             std::min(m, (c + 1) * ROWS_PER_CHUNK));
             }
         }
